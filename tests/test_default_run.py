@@ -1,0 +1,22 @@
+"""The README's first command: the nano preset on the embedded default data (slow)."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+def test_default_nano_run_learns_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "output_ultimate"
+    result = run_cli(["--model-preset", "nano"], cwd=tmp_path, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["final_val_loss"] <= 0.7 * summary["initial_val_loss"], summary
+    step = summary["steps"]
+    for name in ("training_args.json", "tokenizer.json", "metrics.jsonl", "samples.txt",
+                 f"checkpoint-{step}/model.keras", f"checkpoint-{step}/tokenizer.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records) and any("val_loss" in r for r in records)

@@ -1,0 +1,16 @@
+"""The runnable examples in docstrings of the pure-Python modules stay true."""
+
+import doctest
+
+import pytest
+
+from ultimate_trainer import config
+from ultimate_trainer.data import pipeline, tokenizers
+from ultimate_trainer.models import sizing
+from ultimate_trainer.training import callbacks, schedules
+
+
+@pytest.mark.parametrize("module", [config, sizing, pipeline, tokenizers, callbacks, schedules])
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0

@@ -1,0 +1,75 @@
+"""Backend selection and device discovery.
+
+`select_backend` must run before anything imports keras; it is the only
+place that sets KERAS_BACKEND. `describe_devices` is the one place that asks
+each backend's own runtime what it sees.
+"""
+
+import collections
+import os
+import sys
+
+from ultimate_trainer.errors import UserError
+
+BACKENDS = ("jax", "torch", "tensorflow")
+
+
+def select_backend(requested=None):
+    """Sets KERAS_BACKEND from `--backend`, else the environment, else jax.
+
+    Example:
+        select_backend("torch")   # before `import keras`
+    """
+    name = requested or os.environ.get("KERAS_BACKEND") or "jax"
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r} (from KERAS_BACKEND); use one of {', '.join(BACKENDS)}")
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != name:
+            raise UserError(
+                f"keras was already imported with the {keras.backend.backend()} backend; "
+                f"start a new process to use {name}"
+            )
+    os.environ["KERAS_BACKEND"] = name
+    # TensorFlow serves tf.data on every backend; keep its C++ banner quiet.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return name
+
+
+def describe_devices():
+    """{"backend", "backend_version", "keras_version", "devices": {kind: count}}."""
+    import keras
+
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        version = jax.__version__
+        kinds = collections.Counter(d.platform for d in jax.devices())
+    elif name == "torch":
+        import torch
+
+        version = torch.__version__
+        kinds = collections.Counter({"cpu": 1})
+        if torch.cuda.is_available():
+            kinds["gpu"] = torch.cuda.device_count()
+    else:
+        import tensorflow as tf
+
+        version = tf.__version__
+        kinds = collections.Counter(d.device_type.lower() for d in tf.config.list_physical_devices())
+    return {
+        "backend": name,
+        "backend_version": version,
+        "keras_version": keras.__version__,
+        "devices": dict(kinds),
+    }
+
+
+def accelerator(devices):
+    """'gpu', 'tpu' or None for a `describe_devices()["devices"]` dict."""
+    for kind in ("tpu", "gpu", "cuda"):
+        if devices.get(kind):
+            return "gpu" if kind == "cuda" else kind
+    return None

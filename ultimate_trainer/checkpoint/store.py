@@ -1,0 +1,67 @@
+"""Checkpoints on local disk: written whole into a temporary dir, then renamed.
+
+A checkpoint is a directory `checkpoint-{step}/` with `model.keras` (config,
+weights and optimizer state), the tokenizer, the run's `training_args.json`
+and `trainer_state.json`. The rename makes it appear complete or not at all.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ultimate_trainer import config as config_lib
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "trainer_state.json"
+
+
+def _fsync_tree(directory):
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(model, tokenizer, cfg, output_dir, name, state):
+    """Writes `output_dir/name/` atomically and returns its path.
+
+    Example:
+        save_checkpoint(model, tokenizer, cfg, "out", "checkpoint-100", {"step": 100})
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / name
+    tmp = output_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover from an earlier failed save in this process
+    tmp.mkdir(parents=True)
+    model.save(tmp / MODEL_FILE)
+    tokenizer.save(tmp)
+    config_lib.write_json(cfg, tmp / "training_args.json")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        # Never overwrite a checkpoint in place: keep the older one beside it.
+        final.rename(output_dir / f".{name}.replaced-{os.getpid()}")
+    os.replace(tmp, final)
+    return final
+
+
+def load_model(checkpoint_dir):
+    """Loads a trained model and its tokenizer from a checkpoint directory.
+
+    Example:
+        from ultimate_trainer import load_model
+        model, tokenizer = load_model("output_ultimate/checkpoint-170")
+        logits = model(np.array([tokenizer.encode("def ")]))
+    """
+    import keras
+
+    from ultimate_trainer.data.tokenizers import load_tokenizer
+    from ultimate_trainer.errors import UserError
+    from ultimate_trainer.models import causal_lm  # noqa: F401  registers the classes
+
+    path = Path(checkpoint_dir) / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} holds no {MODEL_FILE}; point at a checkpoint-<step> directory")
+    return keras.models.load_model(path, compile=False), load_tokenizer(checkpoint_dir)

@@ -1,0 +1,110 @@
+"""Command line: flags -> `Config` -> backend -> the command.
+
+`ultimate-trainer [train] [flags]` trains (the default command). Flags come
+from the config dataclasses, so `--help`, YAML recipes and
+`training_args.json` always agree. Keras is imported only after the backend
+has been chosen.
+"""
+
+import argparse
+import sys
+
+from ultimate_trainer import config as config_lib
+from ultimate_trainer.errors import UserError
+
+DESCRIPTION = """\
+Pretrain a decoder-only language model with Keras 3 on JAX, PyTorch or TensorFlow.
+
+With no dataset flag it trains on text every Python install carries (the standard
+library's documentation topics), so the first run needs no network:
+
+  python -m ultimate_trainer --model-preset nano
+"""
+
+EPILOG = """\
+commands:
+  train (default)   train a model; the flags above
+examples:
+  python -m ultimate_trainer --model-preset nano --dry-run
+  python -m ultimate_trainer --model-preset tiny --backend torch --max-steps 200
+  python -m ultimate_trainer --config presets/llama-1.36b.yaml --dry-run --json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line instead of argparse's usage block; main() prints it.
+        raise UserError(f"{message}; see --help")
+
+
+def _help_text(f):
+    text = f.metadata["help"]
+    default = f.default
+    if not (isinstance(default, bool) or default is None):
+        text = f"{text} (default: {default})"
+    if f.metadata.get("pending"):
+        text += " [not available yet: " + config_lib.PENDING[f.metadata["pending"]].split(";")[0] + "]"
+    return text
+
+
+def build_parser():
+    parser = _Parser(
+        prog="ultimate-trainer",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    groups = {}
+    for attr, title, f in config_lib.iter_fields():
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        meta = f.metadata
+        kwargs = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS, help=_help_text(f))
+        flag = config_lib.flag_name(f)
+        if meta.get("boolean_optional"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, bool):
+            kwargs["action"] = "store_false" if flag.startswith("--no-") else "store_true"
+        else:
+            kwargs["type"] = meta.get("type") or type(f.default)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            kwargs["metavar"] = meta.get("metavar") or (
+                "|".join(meta["choices"]) if meta.get("choices") else f.name.upper()
+            )
+        group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv):
+    """Parses train flags into a validated `Config`."""
+    namespace = build_parser().parse_args(argv)
+    return config_lib.resolve_config(vars(namespace))
+
+
+def _train(argv):
+    cfg = parse_config(argv)
+    from ultimate_trainer.backend import select_backend
+
+    select_backend(cfg.run.backend)
+    from ultimate_trainer.training.trainer import train
+
+    return train(cfg)
+
+
+COMMANDS = {"train": _train}
+
+
+def main(argv=None):
+    """Entry point of `python -m ultimate_trainer` and `ultimate-trainer`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS["train"]
+    if argv and argv[0] in COMMANDS:
+        command = COMMANDS[argv.pop(0)]
+    try:
+        return command(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

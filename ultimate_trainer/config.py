@@ -1,0 +1,438 @@
+"""Typed run configuration: one dataclass per flag group, validated once.
+
+Every field carries its own flag, help text and default in its metadata, so
+the argparse parser (`cli.py`), YAML recipes and `training_args.json` all come
+from this one place. The resolution order is: dataclass defaults, then the
+YAML recipe given with `--config`, then the size preset, then the flags typed
+on the command line.
+
+Nothing here imports keras: `--help`, validation and `--dry-run` stay fast and
+the backend can still be chosen before keras loads.
+
+Example:
+    cfg = resolve_config({"model.model_preset": "nano"})
+    cfg.model.d_model  # 128
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+
+from ultimate_trainer.errors import UserError
+from ultimate_trainer.models import sizing
+
+REDACTED = "***REDACTED***"
+
+# Features whose flags exist but whose work lands with a later issue. Passing
+# such a flag stops the run with a message naming it; it is never ignored.
+PENDING = {
+    "data": "the data-sources work (issue #4); the embedded default data is used "
+    "when no dataset flag is given",
+    "tokenizer": "tokenizer training (issue #4); the byte-level tokenizer needs "
+    "no training and is used meanwhile",
+    "sizing": "target-parameter sizing (issue #3); pick --model-preset or "
+    "--d-model/--num-layers/--num-heads/--d-ff meanwhile",
+    "lora": "LoRA (issue #3)",
+    "resume": "checkpoint resume (issue #6); start a fresh run with a new "
+    "--output-dir, or --overwrite to move the old run aside",
+    "cloud": "cloud checkpoint upload (issue #6); checkpoints are written to "
+    "--output-dir meanwhile",
+}
+
+
+def count(value):
+    """Parses a count such as `100000000`, `1e8`, `100M` or `1.5B`.
+
+    Example:
+        >>> count("1.5B")
+        1500000000
+    """
+    text = str(value).strip().replace("_", "").replace(",", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    factor = 1
+    if text and text[-1].upper() in scale:
+        factor = scale[text[-1].upper()]
+        text = text[:-1]
+    try:
+        number = float(text) * factor
+    except ValueError:
+        raise ValueError(f"not a count: {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"not a whole count: {value!r}")
+    return int(number)
+
+
+def _opt(default, help, **meta):
+    """A config field; `meta` holds the flag spelling, type, choices, etc."""
+    meta["help"] = help
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset_id: str = _opt(None, "Hugging Face or TFDS dataset id.", type=str, pending="data")
+    dataset_config: str = _opt(None, "Dataset configuration name (e.g. `en` for C4).", type=str, pending="data")
+    text_column: str = _opt("text", "Column that holds the text.", pending="data")
+    split: str = _opt("train", "Split to train on.", pending="data")
+    val_split: str = _opt(None, "Split to validate on; without it a deterministic slice of the training data is held out.", type=str, pending="data")
+    max_train_examples: int = _opt(None, "Use at most this many training records.", type=int)
+    max_val_examples: int = _opt(None, "Use at most this many validation records.", type=int)
+    data_files: str = _opt(None, "Local file, directory or glob (txt, jsonl, parquet, csv, TFRecord).", type=str, pending="data")
+    val_fraction: float = _opt(0.05, "Share of records held out for validation when there is no --val-split.")
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    tokenizer: str = _opt("byte", "Tokenizer kind. `byte`: 256 byte ids plus EOS and PAD, no training.", choices=["byte"])
+    auto_vocab_size: bool = _opt(False, "Pick the vocab size from the data.", pending="tokenizer")
+    vocab_size: int = _opt(16000, "Vocab size of a trained tokenizer.", pending="tokenizer")
+    min_vocab_size: int = _opt(5000, "Lower bound for --auto-vocab-size.", pending="tokenizer")
+    max_vocab_size: int = _opt(50000, "Upper bound for --auto-vocab-size.", pending="tokenizer")
+    tokenizer_train_examples: int = _opt(10000, "Records used to train the tokenizer.", pending="tokenizer")
+    retrain_tokenizer: bool = _opt(False, "Train a new tokenizer even if the output dir holds one.", pending="tokenizer")
+    tokenizer_path: str = _opt(None, "Existing tokenizer (SentencePiece .model, or vocab.json+merges.txt dir).", type=str, pending="tokenizer")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    model_preset: str = _opt(None, "Size preset: " + ", ".join(sizing.SIZE_PRESETS) + ".", type=str, metavar="|".join(sizing.SIZE_PRESETS))
+    target_params: int = _opt(None, "Size the model to this many parameters (e.g. 100M, 1.3B).", type=count, pending="sizing")
+    prefer_depth: bool = _opt(False, "With --target-params, favour more layers over width.", pending="sizing")
+    d_model: int = _opt(512, "Hidden size.")
+    num_layers: int = _opt(6, "Number of transformer blocks.")
+    num_heads: int = _opt(8, "Attention heads; must divide --d-model.")
+    num_kv_heads: int = _opt(None, "Key/value heads for grouped-query attention; must divide --num-heads (default: --num-heads).", type=int)
+    d_ff: int = _opt(2048, "Feed-forward hidden size.")
+    seq_len: int = _opt(256, "Context length in tokens.")
+    dropout_rate: float = _opt(0.1, "Dropout on attention output, MLP output and embeddings.")
+    activation: str = _opt("gelu", "MLP activation with --no-swiglu (SwiGLU always gates with SiLU).", choices=["gelu", "relu", "silu"])
+    use_rmsnorm: bool = _opt(True, "Use LayerNorm instead of RMSNorm.", flag="--no-rmsnorm")
+    use_swiglu: bool = _opt(True, "Use a plain MLP with --activation instead of SwiGLU.", flag="--no-swiglu")
+    use_rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
+    flash_attention: bool = _opt(True, "Force the plain attention kernel (flash is used automatically where supported).", flag="--no-flash-attention")
+    tie_embeddings: bool = _opt(False, "Share the input embedding with the LM head.")
+    use_lora: bool = _opt(False, "Train LoRA adapters instead of the full model.", pending="lora")
+    lora_rank: int = _opt(8, "LoRA rank.", pending="lora")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    epochs: int = _opt(3, "Passes over the training data (unless --max-steps or --total-tokens).")
+    batch_size: int = _opt(32, "Sequences per micro-batch.")
+    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _opt(5e-4, "Peak learning rate.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms, biases or embeddings).")
+    warmup_steps: int = _opt(500, "Linear warmup steps (capped at 10%% of the run when the run is shorter).")
+    grad_clip: float = _opt(1.0, "Global gradient-norm clip; 0 disables it.")
+    max_steps: int = _opt(None, "Stop after this many optimizer steps.", type=int)
+    total_tokens: int = _opt(None, "Train on this many tokens (e.g. 2.4B); sets the step count.", type=count)
+    lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
+    optimizer: str = _opt("adamw", "Optimizer.", choices=["adamw", "adam", "sgd"])
+    seed: int = _opt(42, "Random seed for weights, data order and dropout.")
+
+
+@dataclasses.dataclass
+class LoaderConfig:
+    use_streaming: bool = _opt(True, "Tokenize on the fly in a streaming tf.data pipeline.", flag="--use-streaming", boolean_optional=True)
+    shuffle_buffer_size: int = _opt(10000, "Windows held in the shuffle buffer.")
+    stride: int = _opt(None, "Tokens shared by consecutive training windows (default: 0, no overlap).", type=int)
+
+
+@dataclasses.dataclass
+class OptimizationConfig:
+    use_mixed_precision: bool = _opt(False, "bfloat16 compute with float32 weights.")
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    output_dir: str = _opt("output_ultimate", "Where the run writes checkpoints, logs and its config.")
+    log_every: int = _opt(10, "Optimizer steps between progress lines and metrics.jsonl records.")
+    save_every: int = _opt(1000, "Optimizer steps between checkpoints.")
+    eval_every: int = _opt(500, "Optimizer steps between validation passes.")
+    eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
+    resume_from: str = _opt(None, "Checkpoint dir, `latest`, or s3:// gs:// az:// URI to resume from.", type=str, pending="resume")
+    overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
+
+
+@dataclasses.dataclass
+class CloudConfig:
+    cloud_provider: str = _opt(None, "Upload checkpoints to this provider.", type=str, choices=["s3", "gcs", "azure"], pending="cloud")
+    cloud_bucket: str = _opt(None, "Bucket (S3/GCS) or container (Azure).", type=str, pending="cloud")
+    cloud_region: str = _opt(None, "Bucket region.", type=str, pending="cloud")
+    cloud_prefix: str = _opt("checkpoints", "Key prefix inside the bucket.", pending="cloud")
+    azure_sas_token: str = _opt(None, "Azure SAS token (better: AZURE_STORAGE_SAS_TOKEN in the environment).", type=str, pending="cloud", secret=True)
+    azure_account_name: str = _opt(None, "Azure storage account name.", type=str, pending="cloud")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    backend: str = _opt(None, "Keras backend (default: $KERAS_BACKEND, else jax).", type=str, choices=["jax", "torch", "tensorflow"])
+    config: str = _opt(None, "YAML recipe; flags on the command line override it.", type=str, metavar="RECIPE.yaml")
+    dry_run: bool = _opt(False, "Resolve everything, print the plan and exit without training.")
+    json: bool = _opt(False, "With --dry-run: print the plan as one JSON object.")
+
+
+# (attribute on Config, argparse group title)
+SECTIONS = [
+    ("data", "dataset", DataConfig),
+    ("tokenizer", "tokenizer", TokenizerConfig),
+    ("model", "model", ModelConfig),
+    ("training", "training", TrainingConfig),
+    ("loader", "data loading", LoaderConfig),
+    ("optimization", "optimization", OptimizationConfig),
+    ("output", "checkpoint & logging", OutputConfig),
+    ("cloud", "cloud", CloudConfig),
+    ("run", "run", RunConfig),
+]
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    optimization: OptimizationConfig = dataclasses.field(default_factory=OptimizationConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    # "section.field" keys the user set (recipe or flags), for precedence and
+    # for the pending-feature check.
+    explicit: frozenset = frozenset()
+
+    def to_dict(self, redact=True):
+        """The resolved config as plain data, secrets redacted."""
+        out = {}
+        for attr, _, cls in SECTIONS:
+            section = getattr(self, attr)
+            values = {}
+            for f in dataclasses.fields(cls):
+                value = getattr(section, f.name)
+                if redact and f.metadata.get("secret") and value:
+                    value = REDACTED
+                values[f.name] = value
+            out[attr] = values
+        return out
+
+
+def iter_fields():
+    """Yields (section attr, group title, dataclasses.Field) for every option."""
+    for attr, title, cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            yield attr, title, f
+
+
+def flag_name(f):
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _field_index():
+    return {name: (attr, f) for attr, _, f in iter_fields() for name in [f.name]}
+
+
+def load_recipe(path):
+    """Reads a YAML recipe into {"section.field": value}.
+
+    Accepts sections named after the flag groups (`model:`, `training:`, ...)
+    and flat top-level keys. An unknown key is an error naming the nearest
+    valid one.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"--config {path}: no such file; pass the path of a YAML recipe "
+            f"(see presets/ for examples)"
+        )
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    index = _field_index()
+    sections = {attr: cls for attr, _, cls in SECTIONS}
+    out = {}
+
+    def put(key, value, where):
+        if key not in index:
+            valid = list(index) + list(sections)
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean `{near[0]}`?" if near else ""
+            raise UserError(f"--config {path}: unknown key `{where}{key}`{hint}")
+        attr, _ = index[key]
+        out[f"{attr}.{key}"] = value
+
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(sections[key])}
+            for sub, subvalue in value.items():
+                if sub not in names:
+                    near = difflib.get_close_matches(sub, sorted(names), n=1, cutoff=0.5)
+                    hint = f"; did you mean `{key}.{near[0]}`?" if near else ""
+                    raise UserError(f"--config {path}: unknown key `{key}.{sub}`{hint}")
+                out[f"{key}.{sub}"] = subvalue
+        else:
+            put(key, value, "")
+    return out
+
+
+def _coerce(f, value, source):
+    """Converts a recipe value to the field's type, or explains why not."""
+    if value is None:
+        return None
+    kind = f.metadata.get("type") or type(f.default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: `{f.name}` must be true or false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: `{f.name}` must be {kind.__name__}, got {value!r}") from None
+
+
+def resolve_config(cli_values, recipe_path=None):
+    """Builds a validated `Config` from {"section.field": value} flags.
+
+    `cli_values` holds only what the user typed; `recipe_path` (or the
+    `run.config` value) names a YAML recipe that the flags override.
+    """
+    recipe_path = recipe_path or cli_values.get("run.config")
+    merged = {}
+    if recipe_path:
+        index = _field_index()
+        for key, value in load_recipe(recipe_path).items():
+            merged[key] = _coerce(index[key.split(".", 1)[1]][1], value, f"--config {recipe_path}")
+    merged.update(cli_values)
+
+    cfg = Config(explicit=frozenset(merged))
+    for key, value in merged.items():
+        attr, name = key.split(".", 1)
+        setattr(getattr(cfg, attr), name, value)
+    _apply_preset(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _apply_preset(cfg):
+    preset = cfg.model.model_preset
+    if preset is None:
+        return
+    if preset not in sizing.SIZE_PRESETS:
+        near = difflib.get_close_matches(preset, list(sizing.SIZE_PRESETS), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise UserError(
+            f"unknown --model-preset {preset!r}{hint}; choose one of "
+            f"{', '.join(sizing.SIZE_PRESETS)}, or use --config presets/<recipe>.yaml"
+        )
+    if "model.target_params" in cfg.explicit and cfg.model.target_params is not None:
+        raise UserError(
+            "--model-preset and --target-params both choose the model size; pass only one"
+        )
+    dims = dict(zip(("d_model", "num_layers", "num_heads", "d_ff"), sizing.SIZE_PRESETS[preset]))
+    for name, value in dims.items():
+        if f"model.{name}" not in cfg.explicit:
+            setattr(cfg.model, name, value)
+
+
+def _positive(value, flag, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"{flag} must be a positive number, got {value!r}")
+
+
+def validate(cfg):
+    """Checks the whole config once; raises `UserError` naming the bad value and the fix."""
+    flags = {f.name: flag_name(f) for _, _, f in iter_fields()}
+
+    # Flags whose features have not landed yet: refuse, never ignore.
+    for attr, _, f in iter_fields():
+        reason = f.metadata.get("pending")
+        key = f"{attr}.{f.name}"
+        if reason and key in cfg.explicit and getattr(getattr(cfg, attr), f.name) != f.default:
+            raise UserError(f"{flags[f.name]} is not available yet: it comes with {PENDING[reason]}")
+
+    m, t, o = cfg.model, cfg.training, cfg.output
+    for name in ("d_model", "num_layers", "num_heads", "d_ff", "seq_len"):
+        _positive(getattr(m, name), flags[name])
+    _positive(m.num_kv_heads, flags["num_kv_heads"], allow_none=True)
+    if m.d_model % m.num_heads:
+        divisors = [h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0][-3:]
+        raise UserError(
+            f"--num-heads {m.num_heads} does not divide --d-model {m.d_model}; "
+            f"pick heads so that d_model % heads == 0 (e.g. {', '.join(map(str, divisors))})"
+        )
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise UserError(
+            f"--num-kv-heads {m.num_kv_heads} does not divide --num-heads {m.num_heads}; "
+            f"pick a divisor of {m.num_heads}"
+        )
+    if m.use_rope and (m.d_model // m.num_heads) % 2:
+        raise UserError(
+            f"head size {m.d_model // m.num_heads} (--d-model / --num-heads) must be even for "
+            f"rotary embeddings; change --num-heads or pass --no-rope"
+        )
+    if not 0 <= m.dropout_rate < 1:
+        raise UserError(f"--dropout-rate must be in [0, 1), got {m.dropout_rate}")
+    if m.use_swiglu and "model.activation" in cfg.explicit and m.activation != "gelu":
+        raise UserError(
+            f"--activation {m.activation} applies to the plain MLP only; add --no-swiglu "
+            f"(SwiGLU always gates with SiLU)"
+        )
+
+    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "learning_rate"):
+        _positive(getattr(t, name), flags[name])
+    _positive(t.max_steps, flags["max_steps"], allow_none=True)
+    _positive(t.total_tokens, flags["total_tokens"], allow_none=True)
+    if t.max_steps is not None and t.total_tokens is not None:
+        raise UserError("--max-steps and --total-tokens both set the run length; pass only one")
+    for name in ("weight_decay", "warmup_steps", "grad_clip"):
+        if getattr(t, name) < 0:
+            raise UserError(f"{flags[name]} must be zero or positive, got {getattr(t, name)}")
+    if t.lr_end is not None and not 0 <= t.lr_end <= t.learning_rate:
+        raise UserError(
+            f"--lr-end {t.lr_end} must lie between 0 and --learning-rate {t.learning_rate}"
+        )
+
+    loader = cfg.loader
+    _positive(loader.shuffle_buffer_size, flags["shuffle_buffer_size"])
+    if loader.stride is not None and not 0 <= loader.stride < m.seq_len:
+        raise UserError(
+            f"--stride {loader.stride} must be at least 0 and below --seq-len {m.seq_len}"
+        )
+    if not loader.use_streaming:
+        raise UserError(
+            "--no-use-streaming needs pre-tokenized shards, which come with the data work "
+            "(issue #4); drop the flag to stream"
+        )
+
+    for name in ("log_every", "save_every", "eval_every"):
+        _positive(getattr(o, name), flags[name])
+    _positive(o.eval_steps, flags["eval_steps"], allow_none=True)
+    if not o.output_dir:
+        raise UserError("--output-dir must not be empty")
+    d = cfg.data
+    _positive(d.max_train_examples, flags["max_train_examples"], allow_none=True)
+    _positive(d.max_val_examples, flags["max_val_examples"], allow_none=True)
+    if not 0 < d.val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
+    if cfg.run.json and not cfg.run.dry_run:
+        raise UserError("--json only applies to --dry-run; add --dry-run")
+
+
+def write_json(cfg, path):
+    """Writes the resolved config (secrets redacted) atomically."""
+    text = json.dumps(cfg.to_dict(redact=True), indent=2, sort_keys=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+

@@ -1,0 +1,108 @@
+"""Causal multi-head self-attention with optional grouped-query heads and RoPE."""
+
+import keras
+from keras import ops
+from keras_hub.layers import RotaryEmbedding
+
+
+@keras.saving.register_keras_serializable(package="ultimate_trainer")
+class CausalSelfAttention(keras.layers.Layer):
+    """Causal self-attention through `ops.dot_product_attention`.
+
+    Q, K and V come from one fused projection (one matmul instead of three);
+    the export code splits it back for formats that store them apart.
+
+    Args:
+        num_heads: query heads.
+        head_dim: size of each head.
+        num_kv_heads: key/value heads (grouped-query attention); defaults to
+            `num_heads`.
+        use_rope: rotate queries and keys with rotary position embeddings.
+        flash_attention: `None` lets the backend pick the fused kernel where
+            the device has one; `False` forces the plain kernel.
+        initializer_range: std of the normal init of the QKV projection.
+        output_initializer_range: std of the output projection's init.
+
+    Example:
+        >>> layer = CausalSelfAttention(num_heads=4, head_dim=32)
+        >>> layer(np.zeros((2, 16, 128))).shape
+        (2, 16, 128)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        head_dim,
+        num_kv_heads=None,
+        use_rope=True,
+        rope_max_wavelength=10000,
+        flash_attention=None,
+        initializer_range=0.02,
+        output_initializer_range=0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.use_rope = use_rope
+        self.rope_max_wavelength = rope_max_wavelength
+        self.flash_attention = flash_attention
+        self.initializer_range = initializer_range
+        self.output_initializer_range = output_initializer_range
+        q_width = self.num_heads * head_dim
+        kv_width = self.num_kv_heads * head_dim
+        self.qkv = keras.layers.Dense(
+            q_width + 2 * kv_width,
+            use_bias=False,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=initializer_range),
+            dtype=self.dtype_policy,
+            name="qkv",
+        )
+        self.out = None  # width known at build time
+        self.rotary = (
+            RotaryEmbedding(max_wavelength=rope_max_wavelength, dtype=self.dtype_policy, name="rotary")
+            if use_rope
+            else None
+        )
+
+    def build(self, input_shape):
+        d_model = input_shape[-1]
+        self.qkv.build(input_shape)
+        self.out = keras.layers.Dense(
+            d_model,
+            use_bias=False,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=self.output_initializer_range),
+            dtype=self.dtype_policy,
+            name="out",
+        )
+        self.out.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
+        self.built = True
+
+    def call(self, x):
+        batch, seq = ops.shape(x)[0], ops.shape(x)[1]
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        q, k, v = ops.split(self.qkv(x), [q_width, q_width + kv_width], axis=-1)
+        q = ops.reshape(q, (batch, seq, self.num_heads, self.head_dim))
+        k = ops.reshape(k, (batch, seq, self.num_kv_heads, self.head_dim))
+        v = ops.reshape(v, (batch, seq, self.num_kv_heads, self.head_dim))
+        if self.rotary is not None:
+            q = self.rotary(q)
+            k = self.rotary(k)
+        y = ops.dot_product_attention(q, k, v, is_causal=True, flash_attention=self.flash_attention)
+        return self.out(ops.reshape(y, (batch, seq, q_width)))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            num_kv_heads=self.num_kv_heads,
+            use_rope=self.use_rope,
+            rope_max_wavelength=self.rope_max_wavelength,
+            flash_attention=self.flash_attention,
+            initializer_range=self.initializer_range,
+            output_initializer_range=self.output_initializer_range,
+        )
+        return config

@@ -1,0 +1,166 @@
+"""The decoder-only language model: embeddings, blocks, final norm, LM head."""
+
+import math
+
+import keras
+from keras import ops
+from keras_hub.layers import PositionEmbedding, ReversibleEmbedding
+
+from ultimate_trainer.models.transformer_block import TransformerBlock, make_norm
+
+
+@keras.saving.register_keras_serializable(package="ultimate_trainer")
+class CausalLM(keras.Model):
+    """Decoder-only transformer returning float32 logits `[batch, seq, vocab]`.
+
+    LLaMA style by default (RoPE, RMSNorm, SwiGLU, no biases); GPT-2 style
+    with `use_rope=False, use_rmsnorm=False, use_swiglu=False` (learned
+    positions, LayerNorm, GELU). Weights start from normal(0.02); the
+    projections that write into the residual stream start from
+    normal(0.02 / sqrt(2 * num_layers)), as in GPT-2.
+
+    Example:
+        >>> model = CausalLM(vocab_size=258, seq_len=64, d_model=128,
+        ...                  num_layers=2, num_heads=4, d_ff=512)
+        >>> model(np.zeros((1, 64), "int32")).shape
+        (1, 64, 258)
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        seq_len,
+        d_model,
+        num_layers,
+        num_heads,
+        d_ff,
+        num_kv_heads=None,
+        use_rope=True,
+        use_rmsnorm=True,
+        use_swiglu=True,
+        activation="gelu",
+        dropout_rate=0.0,
+        tie_embeddings=False,
+        flash_attention=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.d_ff = d_ff
+        self.num_kv_heads = num_kv_heads
+        self.use_rope = use_rope
+        self.use_rmsnorm = use_rmsnorm
+        self.use_swiglu = use_swiglu
+        self.activation = activation
+        self.dropout_rate = dropout_rate
+        self.tie_embeddings = tie_embeddings
+        self.flash_attention = flash_attention
+
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        self.token_embedding = ReversibleEmbedding(
+            vocab_size,
+            d_model,
+            tie_weights=tie_embeddings,
+            embeddings_initializer=init,
+            reverse_dtype="float32",
+            dtype=self.dtype_policy,
+            name="token_embedding",
+        )
+        self.position_embedding = (
+            None
+            if use_rope
+            else PositionEmbedding(seq_len, initializer=init, dtype=self.dtype_policy, name="position_embedding")
+        )
+        self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="embedding_dropout")
+        self.blocks = [
+            TransformerBlock(
+                num_heads=num_heads,
+                head_dim=d_model // num_heads,
+                d_ff=d_ff,
+                num_kv_heads=num_kv_heads,
+                use_rope=use_rope,
+                use_rmsnorm=use_rmsnorm,
+                use_swiglu=use_swiglu,
+                activation=activation,
+                dropout_rate=dropout_rate,
+                flash_attention=flash_attention,
+                initializer_range=0.02,
+                output_initializer_range=0.02 / math.sqrt(2 * num_layers),
+                dtype=self.dtype_policy,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = make_norm(use_rmsnorm, "final_norm", self.dtype_policy)
+
+    def build(self, input_shape=None):
+        hidden = (None, None, self.d_model)
+        self.token_embedding.build((None, None))
+        if self.position_embedding is not None:
+            self.position_embedding.build(hidden)
+        for block in self.blocks:
+            block.build(hidden)
+        self.final_norm.build(hidden)
+        self.built = True
+
+    def call(self, token_ids, training=None):
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x)
+        x = self.embedding_dropout(x, training=training)
+        for block in self.blocks:
+            x = block(x, training=training)
+        x = self.final_norm(x)
+        return ops.cast(self.token_embedding(x, reverse=True), "float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size,
+            seq_len=self.seq_len,
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            num_kv_heads=self.num_kv_heads,
+            use_rope=self.use_rope,
+            use_rmsnorm=self.use_rmsnorm,
+            use_swiglu=self.use_swiglu,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            tie_embeddings=self.tie_embeddings,
+            flash_attention=self.flash_attention,
+        )
+        return config
+
+
+def model_kwargs(model_cfg, vocab_size):
+    """Maps a `ModelConfig` to `CausalLM` constructor arguments."""
+    return dict(
+        vocab_size=vocab_size,
+        seq_len=model_cfg.seq_len,
+        d_model=model_cfg.d_model,
+        num_layers=model_cfg.num_layers,
+        num_heads=model_cfg.num_heads,
+        d_ff=model_cfg.d_ff,
+        num_kv_heads=model_cfg.num_kv_heads,
+        use_rope=model_cfg.use_rope,
+        use_rmsnorm=model_cfg.use_rmsnorm,
+        use_swiglu=model_cfg.use_swiglu,
+        activation=model_cfg.activation,
+        dropout_rate=model_cfg.dropout_rate,
+        tie_embeddings=model_cfg.tie_embeddings,
+        # True means "auto": let the backend use a fused kernel if it has one.
+        flash_attention=None if model_cfg.flash_attention else False,
+    )
+
+
+def build_causal_lm(model_cfg, vocab_size):
+    """Builds a `CausalLM` from a `ModelConfig`, weights created."""
+    model = CausalLM(**model_kwargs(model_cfg, vocab_size), name="causal_lm")
+    model.build((None, model_cfg.seq_len))
+    return model

@@ -1,0 +1,115 @@
+"""One pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+import keras
+
+from ultimate_trainer.models.attention import CausalSelfAttention
+from ultimate_trainer.models.feed_forward import FeedForward
+
+
+def make_norm(use_rmsnorm, name, dtype=None):
+    """RMSNorm (LLaMA) or LayerNorm with bias (GPT-2).
+
+    Norms run in float32 even under mixed precision, as LLaMA and GPT-2 do:
+    a bfloat16 mean of squares loses too many bits.
+    """
+    policy = keras.DTypePolicy("float32") if dtype is None or _is_mixed(dtype) else dtype
+    if use_rmsnorm:
+        return keras.layers.RMSNormalization(epsilon=1e-6, dtype=policy, name=name)
+    return keras.layers.LayerNormalization(epsilon=1e-5, dtype=policy, name=name)
+
+
+def _is_mixed(policy):
+    policy = keras.dtype_policies.get(policy)
+    return policy.compute_dtype != policy.variable_dtype
+
+
+@keras.saving.register_keras_serializable(package="ultimate_trainer")
+class TransformerBlock(keras.layers.Layer):
+    """A decoder block of `CausalLM`.
+
+    Example:
+        >>> block = TransformerBlock(num_heads=4, head_dim=32, d_ff=512)
+        >>> block(np.zeros((2, 16, 128))).shape
+        (2, 16, 128)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        head_dim,
+        d_ff,
+        num_kv_heads=None,
+        use_rope=True,
+        use_rmsnorm=True,
+        use_swiglu=True,
+        activation="gelu",
+        dropout_rate=0.0,
+        flash_attention=None,
+        initializer_range=0.02,
+        output_initializer_range=0.02,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.d_ff = d_ff
+        self.num_kv_heads = num_kv_heads
+        self.use_rope = use_rope
+        self.use_rmsnorm = use_rmsnorm
+        self.use_swiglu = use_swiglu
+        self.activation = activation
+        self.dropout_rate = dropout_rate
+        self.flash_attention = flash_attention
+        self.initializer_range = initializer_range
+        self.output_initializer_range = output_initializer_range
+
+        self.attention_norm = make_norm(use_rmsnorm, "attention_norm", self.dtype_policy)
+        self.attention = CausalSelfAttention(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            num_kv_heads=num_kv_heads,
+            use_rope=use_rope,
+            flash_attention=flash_attention,
+            initializer_range=initializer_range,
+            output_initializer_range=output_initializer_range,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.mlp_norm = make_norm(use_rmsnorm, "mlp_norm", self.dtype_policy)
+        self.mlp = FeedForward(
+            hidden_dim=d_ff,
+            use_swiglu=use_swiglu,
+            activation=activation,
+            initializer_range=initializer_range,
+            output_initializer_range=output_initializer_range,
+            dtype=self.dtype_policy,
+            name="mlp",
+        )
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
+
+    def build(self, input_shape):
+        for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
+            layer.build(input_shape)
+        self.built = True
+
+    def call(self, x, training=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x)), training=training)
+        return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            d_ff=self.d_ff,
+            num_kv_heads=self.num_kv_heads,
+            use_rope=self.use_rope,
+            use_rmsnorm=self.use_rmsnorm,
+            use_swiglu=self.use_swiglu,
+            activation=self.activation,
+            dropout_rate=self.dropout_rate,
+            flash_attention=self.flash_attention,
+            initializer_range=self.initializer_range,
+            output_initializer_range=self.output_initializer_range,
+        )
+        return config

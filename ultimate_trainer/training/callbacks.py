@@ -1,0 +1,179 @@
+"""Callbacks: progress and metrics, periodic validation, periodic checkpoints.
+
+`fit` runs in Keras epochs of `StepClock.epoch_steps` optimizer steps: the
+largest span that divides the log, eval and save intervals. Keras resets its
+loss mean at every epoch, so the epoch logs give the exact mean loss of the
+span without reading device values after every step (a host sync per step
+is what slows a JAX loop down), and the epoch end is where JAX writes the
+trained state back into the model's variables.
+"""
+
+import json
+import math
+import time
+
+import keras
+
+
+class StepClock:
+    """Maps Keras epochs to optimizer steps.
+
+    Example:
+        >>> clock = StepClock(total_steps=25, intervals=(10, 500, 1000))
+        >>> clock.epoch_steps, clock.epochs, clock.step_at_end(2)
+        (10, 3, 25)
+    """
+
+    def __init__(self, total_steps, intervals, accumulation=1):
+        self.total_steps = total_steps
+        self.accumulation = accumulation
+        self.epoch_steps = min(math.gcd(*intervals), total_steps)
+        self.epochs = math.ceil(total_steps / self.epoch_steps)
+
+    @property
+    def fit_steps_per_epoch(self):
+        """Micro-batches per Keras epoch (fit counts micro-batches)."""
+        return self.epoch_steps * self.accumulation
+
+    def step_at_end(self, epoch):
+        return min((epoch + 1) * self.epoch_steps, self.total_steps)
+
+    def due(self, epoch, every):
+        """Whether an `every`-step event falls at the end of `epoch` (never at the final step:
+        the trainer handles that one after `fit`)."""
+        step = self.step_at_end(epoch)
+        return step % every == 0 and step < self.total_steps
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Stops `fit` after exactly `total_steps` optimizer steps when the last epoch is short."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self._epoch * self.clock.fit_steps_per_epoch + batch + 1
+        if done >= self.clock.total_steps * self.clock.accumulation:
+            self.model.stop_training = True
+
+
+class MetricsLogger(keras.callbacks.Callback):
+    """Prints a progress line and appends to metrics.jsonl every `log_every` steps.
+
+    The logged loss is the mean per-token loss over the steps since the last
+    line (with accumulation, over every micro-batch of those steps).
+    """
+
+    def __init__(self, clock, log_every, tokens_per_step, schedule, metrics_path, printer=print):
+        super().__init__()
+        self.clock = clock
+        self.log_every = log_every
+        self.tokens_per_step = tokens_per_step
+        self.schedule = schedule
+        self.metrics_path = metrics_path
+        self.printer = printer
+        self.history = []
+        self._loss_sum = 0.0
+        self._steps = 0
+        self._train_seconds = 0.0
+        self._window_seconds = 0.0
+        self._epoch_start = None
+
+    def on_train_begin(self, logs=None):
+        self._run_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._epoch_start
+        step = self.clock.step_at_end(epoch)
+        steps = step - min(epoch * self.clock.epoch_steps, step)
+        self._loss_sum += float(logs["loss"]) * steps
+        self._steps += steps
+        self._window_seconds += seconds
+        self._train_seconds += seconds
+        if step % self.log_every and step < self.clock.total_steps:
+            return
+        loss = self._loss_sum / max(self._steps, 1)
+        tokens_per_sec = self._steps * self.tokens_per_step / max(self._window_seconds, 1e-9)
+        remaining = (self.clock.total_steps - step) * self.tokens_per_step / max(tokens_per_sec, 1e-9)
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": float(self.schedule(step - 1)),
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_sec": tokens_per_sec,
+            "elapsed_sec": time.perf_counter() - self._run_start,
+        }
+        self.history.append(record)
+        append_jsonl(self.metrics_path, record)
+        self.printer(
+            f"step {step:>{len(str(self.clock.total_steps))}}/{self.clock.total_steps} | "
+            f"loss {loss:.4f} | lr {record['lr']:.2e} | {tokens_per_sec:,.0f} tok/s | "
+            f"eta {format_seconds(remaining)}"
+        )
+        self._loss_sum, self._steps, self._window_seconds = 0.0, 0, 0.0
+
+    @property
+    def train_seconds(self):
+        return self._train_seconds
+
+
+class PeriodicEval(keras.callbacks.Callback):
+    """Runs validation every `eval_every` steps; records loss and perplexity."""
+
+    def __init__(self, clock, eval_every, evaluate, metrics_path, printer=print):
+        super().__init__()
+        self.clock = clock
+        self.eval_every = eval_every
+        self.evaluate = evaluate
+        self.metrics_path = metrics_path
+        self.printer = printer
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.clock.due(epoch, self.eval_every):
+            self.history.append(run_eval(self.evaluate, self.clock.step_at_end(epoch), self.metrics_path, self.printer))
+
+
+class PeriodicCheckpoint(keras.callbacks.Callback):
+    """Saves `checkpoint-{step}` every `save_every` steps through `save(step)`."""
+
+    def __init__(self, clock, save_every, save):
+        super().__init__()
+        self.clock = clock
+        self.save_every = save_every
+        self.save = save
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.clock.due(epoch, self.save_every):
+            self.save(self.clock.step_at_end(epoch))
+
+
+def run_eval(evaluate, step, metrics_path, printer=print):
+    """Evaluates, logs one line and one metrics.jsonl record, returns the record."""
+    loss = float(evaluate())
+    record = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    append_jsonl(metrics_path, record)
+    printer(f"eval step {step} | val_loss {loss:.4f} | val_ppl {record['val_perplexity']:.2f}")
+    return record
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_seconds(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

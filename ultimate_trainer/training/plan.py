@@ -1,0 +1,164 @@
+"""The run plan: model shape, parameter counts and step/token arithmetic.
+
+Computed before any weight exists, from the closed-form formulas, so that
+`--dry-run` shows exactly what a run will cost.
+"""
+
+import math
+
+from ultimate_trainer.data.pipeline import count_stream_tokens, window_step, windows_in
+from ultimate_trainer.errors import UserError
+from ultimate_trainer.models import sizing
+
+
+def model_summary(model_cfg, vocab_size):
+    m = model_cfg
+    counts = sizing.count_params(
+        vocab_size,
+        m.d_model,
+        m.num_layers,
+        m.num_heads,
+        m.d_ff,
+        m.seq_len,
+        num_kv_heads=m.num_kv_heads,
+        use_rope=m.use_rope,
+        use_rmsnorm=m.use_rmsnorm,
+        use_swiglu=m.use_swiglu,
+        tie_embeddings=m.tie_embeddings,
+    )
+    architecture = {
+        "preset": m.model_preset,
+        "block_style": sizing.block_style(m.use_rope, m.use_rmsnorm, m.use_swiglu),
+        "vocab_size": vocab_size,
+        "seq_len": m.seq_len,
+        "num_layers": m.num_layers,
+        "d_model": m.d_model,
+        "num_heads": m.num_heads,
+        "num_kv_heads": m.num_kv_heads or m.num_heads,
+        "head_dim": m.d_model // m.num_heads,
+        "d_ff": m.d_ff,
+        "mlp": "swiglu" if m.use_swiglu else m.activation,
+        "norm": "rmsnorm" if m.use_rmsnorm else "layernorm",
+        "positions": "rope" if m.use_rope else "learned",
+        "tie_embeddings": m.tie_embeddings,
+        "dropout_rate": m.dropout_rate,
+    }
+    params = {
+        "total": counts.total,
+        "non_embedding": counts.non_embedding,
+        "embedding": counts.embedding,
+        "trainable": counts.trainable,
+    }
+    flops = sizing.flops_per_token(counts.non_embedding, vocab_size, m.d_model, m.num_layers, m.seq_len)
+    return architecture, params, flops
+
+
+def make_plan(cfg, tokenizer, train_records, val_records, source_name):
+    """Everything a run will do, as plain data (what `--dry-run --json` prints)."""
+    m, t = cfg.model, cfg.training
+    architecture, params, flops = model_summary(m, tokenizer.vocab_size)
+    window, step = window_step(m.seq_len, cfg.loader.stride)
+    train_tokens = count_stream_tokens(train_records, tokenizer)
+    val_tokens = count_stream_tokens(val_records, tokenizer)
+    windows_per_epoch = windows_in(train_tokens, window, step)
+    sequences_per_step = t.batch_size * t.gradient_accumulation_steps
+    tokens_per_step = sequences_per_step * m.seq_len
+    steps_per_epoch = windows_per_epoch // sequences_per_step
+    val_windows = windows_in(val_tokens, window, window)
+    if val_windows == 0:
+        raise UserError(
+            f"the validation data holds {val_tokens} tokens, fewer than one window of {window}; "
+            f"raise --val-fraction or --max-val-examples, or lower --seq-len"
+        )
+    eval_batches = math.ceil(val_windows / t.batch_size)
+    if cfg.output.eval_steps:
+        eval_batches = min(eval_batches, cfg.output.eval_steps)
+
+    notes = []
+    if t.max_steps:
+        total_steps = t.max_steps
+        rule = f"--max-steps {t.max_steps}"
+    elif t.total_tokens:
+        total_steps = max(1, t.total_tokens // tokens_per_step)
+        rule = (
+            f"--total-tokens {t.total_tokens:,} / ({t.batch_size} batch x "
+            f"{t.gradient_accumulation_steps} accumulation x {m.seq_len} seq_len) = {total_steps:,} steps"
+        )
+    else:
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"the training data holds {windows_per_epoch} windows of {window} tokens, fewer than one "
+                f"step of {sequences_per_step}; lower --batch-size, --gradient-accumulation-steps or "
+                f"--seq-len, or add data"
+            )
+        total_steps = t.epochs * steps_per_epoch
+        rule = (
+            f"{t.epochs} epochs x {steps_per_epoch:,} steps ({windows_per_epoch:,} windows / "
+            f"{sequences_per_step} sequences per step)"
+        )
+
+    warmup = t.warmup_steps
+    if warmup >= total_steps:
+        warmup = max(1, total_steps // 10)
+        notes.append(
+            f"--warmup-steps {t.warmup_steps} is not shorter than the run ({total_steps} steps); "
+            f"warming up over {warmup} steps (10%) instead"
+        )
+    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate / 10
+
+    return {
+        "architecture": architecture,
+        "parameters": params,
+        "flops_per_token": flops,
+        "data": {
+            "source": source_name,
+            "tokenizer": tokenizer.describe(),
+            "train_records": len(train_records),
+            "val_records": len(val_records),
+            "train_tokens_per_epoch": train_tokens,
+            "val_tokens": val_tokens,
+            "window": window,
+            "window_step": step,
+            "windows_per_epoch": windows_per_epoch,
+            "val_windows": val_windows,
+            "eval_batches": eval_batches,
+        },
+        "schedule": {
+            "rule": rule,
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "epochs": total_steps / steps_per_epoch if steps_per_epoch else None,
+            "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "tokens_per_step": tokens_per_step,
+            "total_tokens": total_steps * tokens_per_step,
+            "total_flops": total_steps * tokens_per_step * flops,
+            "learning_rate": t.learning_rate,
+            "lr_end": lr_end,
+            "warmup_steps": warmup,
+            "optimizer": t.optimizer,
+        },
+        "notes": notes,
+    }
+
+
+def format_plan(plan):
+    """Human-readable lines for a plan."""
+    a, p, d, s = plan["architecture"], plan["parameters"], plan["data"], plan["schedule"]
+    lines = [
+        f"model: {a['block_style']} decoder"
+        + (f" (preset {a['preset']})" if a["preset"] else "")
+        + f", {a['num_layers']} layers, d_model {a['d_model']}, {a['num_heads']} heads"
+        + (f" ({a['num_kv_heads']} kv)" if a["num_kv_heads"] != a["num_heads"] else "")
+        + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
+        f"vocab {a['vocab_size']}, seq_len {a['seq_len']}",
+        f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable",
+        f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
+        f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens ({d['tokenizer']['kind']} tokenizer)",
+        f"steps: {s['rule']} -> {s['total_steps']:,} steps of {s['tokens_per_step']:,} tokens = "
+        f"{s['total_tokens']:,} tokens, {s['total_flops'] / 1e12:,.1f} TFLOP "
+        f"({plan['flops_per_token'] / 1e6:,.1f} MFLOP/token)",
+        f"optimizer: {s['optimizer']}, lr {s['learning_rate']:g} -> {s['lr_end']:g} (cosine), "
+        f"warmup {s['warmup_steps']} steps",
+    ]
+    return lines + [f"note: {n}" for n in plan["notes"]]
