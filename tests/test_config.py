@@ -125,3 +125,28 @@ def test_to_dict_covers_every_section():
     d = resolve_config({}).to_dict()
     for attr, _, cls in config_lib.SECTIONS:
         assert set(d[attr]) == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_target_params_sets_the_architecture():
+    cfg = resolve_config({"model.target_params": 10_000_000})
+    m = cfg.model
+    from ultimate_trainer.models import sizing
+
+    total = sizing.count_params(258, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len).total
+    assert abs(total / 10_000_000 - 1) <= 0.02
+    deeper = resolve_config({"model.target_params": 10_000_000, "model.prefer_depth": True}).model
+    assert deeper.num_layers > m.num_layers
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"model.target_params": 10**8, "model.d_model": 256}, "--target-params chooses --d-model itself"),
+        ({"model.prefer_depth": True}, "--prefer-depth only applies with --target-params"),
+        ({"model.target_params": 0}, "--target-params must be a positive number"),
+        ({"model.target_params": 1000}, "--target-params 1,000 has no architecture within 2%"),
+    ],
+)
+def test_target_params_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(values)

@@ -33,8 +33,6 @@ PENDING = {
     "when no dataset flag is given",
     "tokenizer": "tokenizer training (issue #4); the byte-level tokenizer needs "
     "no training and is used meanwhile",
-    "sizing": "target-parameter sizing (issue #3); pick --model-preset or "
-    "--d-model/--num-layers/--num-heads/--d-ff meanwhile",
     "lora": "LoRA (issue #3)",
     "resume": "checkpoint resume (issue #6); start a fresh run with a new "
     "--output-dir, or --overwrite to move the old run aside",
@@ -99,8 +97,8 @@ class TokenizerConfig:
 @dataclasses.dataclass
 class ModelConfig:
     model_preset: str = _opt(None, "Size preset: " + ", ".join(sizing.SIZE_PRESETS) + ".", type=str, metavar="|".join(sizing.SIZE_PRESETS))
-    target_params: int = _opt(None, "Size the model to this many parameters (e.g. 100M, 1.3B).", type=count, pending="sizing")
-    prefer_depth: bool = _opt(False, "With --target-params, favour more layers over width.", pending="sizing")
+    target_params: int = _opt(None, "Size the model to this many parameters (e.g. 100M, 1.3B); picks d_model, layers, heads and d_ff.", type=count)
+    prefer_depth: bool = _opt(False, "With --target-params, favour more layers over width.")
     d_model: int = _opt(512, "Hidden size.")
     num_layers: int = _opt(6, "Number of transformer blocks.")
     num_heads: int = _opt(8, "Attention heads; must divide --d-model.")
@@ -318,6 +316,7 @@ def resolve_config(cli_values, recipe_path=None):
         attr, name = key.split(".", 1)
         setattr(getattr(cfg, attr), name, value)
     _apply_preset(cfg)
+    _apply_target_params(cfg)
     validate(cfg)
     return cfg
 
@@ -341,6 +340,47 @@ def _apply_preset(cfg):
     for name, value in dims.items():
         if f"model.{name}" not in cfg.explicit:
             setattr(cfg.model, name, value)
+
+
+SIZED_BY_TARGET = ("d_model", "num_layers", "num_heads", "d_ff")
+
+
+def vocab_size_of(tokenizer_cfg):
+    """The vocab size a tokenizer config gives, known before any data is read."""
+    if tokenizer_cfg.tokenizer == "byte":
+        from ultimate_trainer.data.tokenizers import ByteTokenizer
+
+        return ByteTokenizer.vocab_size
+    return tokenizer_cfg.vocab_size
+
+
+def _apply_target_params(cfg):
+    m = cfg.model
+    if m.target_params is None:
+        if m.prefer_depth:
+            raise UserError("--prefer-depth only applies with --target-params N; add it or drop --prefer-depth")
+        return
+    _positive(m.target_params, "--target-params")
+    given = [n for n in SIZED_BY_TARGET if f"model.{n}" in cfg.explicit]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"--target-params chooses {flag} itself; drop {flag} or drop --target-params")
+    vocab = vocab_size_of(cfg.tokenizer)
+    solution = sizing.solve_target_params(
+        m.target_params, vocab, m.seq_len, use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm,
+        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth,
+    )
+    if solution is None:
+        embedding = sizing.count_params(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
+                                        tie_embeddings=m.tie_embeddings).embedding
+        raise UserError(
+            f"--target-params {m.target_params:,} has no architecture within 2% for vocab {vocab:,} "
+            f"(the embeddings alone take {embedding:,} at d_model 64); raise --target-params, "
+            f"add --tie-embeddings or use a smaller vocab"
+        )
+    m.d_model, m.num_layers, m.num_heads, m.d_ff = (
+        solution.d_model, solution.num_layers, solution.num_heads, solution.d_ff
+    )
 
 
 def _positive(value, flag, allow_none=False):

@@ -52,3 +52,56 @@ def test_block_style_names():
     assert sizing.block_style(True, True, True) == "llama"
     assert sizing.block_style(False, False, False) == "gpt2"
     assert sizing.block_style(True, False, True) == "custom"
+
+
+SWEEP = [int(10 ** (6 + 4 * i / 39)) for i in range(40)]  # 1M .. 10B, log-spaced
+
+
+@pytest.mark.parametrize("vocab", [258, 32000])
+def test_target_params_solver_sweep(vocab):
+    for n in SWEEP:
+        if vocab == 32000 and n < 20_000_000:
+            continue  # the embeddings alone nearly fill such budgets; see the infeasible test
+        for prefer_depth in (False, True):
+            s = sizing.solve_target_params(n, vocab, 2048, prefer_depth=prefer_depth)
+            assert s is not None, (n, vocab, prefer_depth)
+            assert abs(s.total_params / n - 1) <= 0.02, (n, s)
+            exact = sizing.count_params(vocab, s.d_model, s.num_layers, s.num_heads, s.d_ff, 2048).total
+            assert exact == s.total_params
+            assert s.d_model % 64 == 0 and s.d_ff % 64 == 0
+            head_dim = s.d_model // s.num_heads
+            assert head_dim in ((32, 64, 128) if n < 20_000_000 else (64, 128))
+            assert abs(s.d_ff - 8 * s.d_model / 3) <= 2 * 64 + 32
+            ratio = s.d_model / s.num_layers
+            assert 2 <= ratio <= 500, (n, s)
+        default = sizing.solve_target_params(n, vocab, 2048)
+        deeper = sizing.solve_target_params(n, vocab, 2048, prefer_depth=True)
+        assert deeper.num_layers > default.num_layers, (n, default, deeper)
+
+
+def test_published_scale_shapes_are_in_range():
+    # GPT-3/Pythia-like widths at 125M and LLaMA-like at 7B.
+    s = sizing.solve_target_params(125_000_000, 50257, 2048)
+    assert 512 <= s.d_model <= 1024 and 8 <= s.num_layers <= 16
+    s = sizing.solve_target_params(7_000_000_000, 32000, 2048)
+    assert 3584 <= s.d_model <= 4608 and 28 <= s.num_layers <= 40
+
+
+def test_target_params_plain_mlp_uses_four_d():
+    s = sizing.solve_target_params(50_000_000, 258, 512, use_swiglu=False, use_rope=False, use_rmsnorm=False)
+    assert abs(s.d_ff - 4 * s.d_model) <= 128
+    exact = sizing.count_params(258, s.d_model, s.num_layers, s.num_heads, s.d_ff, 512, use_swiglu=False,
+                                use_rope=False, use_rmsnorm=False).total
+    assert abs(exact / 50_000_000 - 1) <= 0.02
+
+
+def test_infeasible_target_returns_none():
+    assert sizing.solve_target_params(1_000_000, 32000, 2048) is None
+
+
+def test_solved_model_builds_to_the_counted_size():
+    s = sizing.solve_target_params(3_000_000, 258, 64)
+    model = CausalLM(vocab_size=258, seq_len=64, d_model=s.d_model, num_layers=s.num_layers,
+                     num_heads=s.num_heads, d_ff=s.d_ff)
+    model.build((None, 64))
+    assert model.count_params() == s.total_params

@@ -97,3 +97,116 @@ def flops_per_token(non_embedding_params, vocab_size, d_model, num_layers, seq_l
         + 6 * vocab_size * d_model
         + 12 * num_layers * d_model * seq_len
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """An architecture chosen by `solve_target_params`."""
+
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    total_params: int
+    target_params: int
+
+    @property
+    def deviation(self):
+        return self.total_params / self.target_params - 1
+
+
+def target_aspect_ratio(target_params, prefer_depth=False):
+    """d_model / num_layers that published models of this size use.
+
+    Small models are deep for their width (Pythia-14M: 128/6 = 21,
+    TinyStories), GPT-3 and Pythia sit near 64 at 100M-1B, and LLaMA-7B and
+    GPT-3 6.7B+ use 128. `64 * (N / 1.5e8) ** 0.15` follows those points
+    (about 30 at 1M, 64 at 150M, 114 at 7B). `--prefer-depth` halves it.
+    """
+    ratio = 64.0 * (target_params / 1.5e8) ** 0.15
+    return ratio / 2 if prefer_depth else ratio
+
+
+def _head_dim(d_model, target_params):
+    if target_params < 20_000_000 and d_model % 32 == 0:
+        return 32
+    if d_model >= 2048 and d_model % 128 == 0:
+        return 128
+    return 64
+
+
+def solve_target_params(
+    target_params,
+    vocab_size,
+    seq_len,
+    use_rope=True,
+    use_rmsnorm=True,
+    use_swiglu=True,
+    tie_embeddings=False,
+    prefer_depth=False,
+    tolerance=0.02,
+    min_layers=1,
+    _ratio=None,
+):
+    """Chooses d_model, layers, heads and d_ff whose exact count is near `target_params`.
+
+    d_model is a multiple of 64; head size is 64 or 128 (32 below 20M
+    parameters); d_ff is about 8/3 d_model for SwiGLU (4 d_model otherwise),
+    a multiple of 64. Among the shapes within `tolerance` of the target, the
+    one whose depth-to-width ratio is nearest `target_aspect_ratio` wins, a
+    smaller deviation breaking near-ties. With `prefer_depth` the result
+    always has more layers than the default shape when any such shape fits.
+    Returns None when no shape comes within `tolerance` (the embeddings alone
+    may exceed the target).
+
+    Example:
+        >>> s = solve_target_params(100_000_000, 32000, 2048)
+        >>> abs(s.deviation) < 0.02
+        True
+    """
+    import math
+
+    if prefer_depth:
+        default = solve_target_params(
+            target_params, vocab_size, seq_len, use_rope, use_rmsnorm, use_swiglu, tie_embeddings,
+            tolerance=tolerance,
+        )
+        if default is not None:
+            deeper = solve_target_params(
+                target_params, vocab_size, seq_len, use_rope, use_rmsnorm, use_swiglu, tie_embeddings,
+                prefer_depth=False, tolerance=tolerance, min_layers=default.num_layers + 1,
+                _ratio=target_aspect_ratio(target_params, prefer_depth=True),
+            )
+            return deeper or default
+    base_ratio = target_aspect_ratio(target_params)
+    ratio = _ratio or base_ratio
+    best = None
+    for d_model in range(64, 16384 + 1, 64):
+        base_ff = (8 * d_model / 3) if use_swiglu else 4 * d_model
+        base_ff = max(64, int(round(base_ff / 64)) * 64)
+        for d_ff in {max(64, base_ff + k * 64) for k in (-2, -1, 0, 1, 2)}:
+            head_dim = _head_dim(d_model, target_params)
+            heads = d_model // head_dim
+            args = dict(
+                vocab_size=vocab_size, d_model=d_model, num_heads=heads, d_ff=d_ff, seq_len=seq_len,
+                use_rope=use_rope, use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, tie_embeddings=tie_embeddings,
+            )
+            fixed = count_params(num_layers=0, **args).total
+            per_layer = count_params(num_layers=1, **args).total - fixed
+            ideal = (target_params - fixed) / per_layer
+            for layers in {math.floor(ideal), math.ceil(ideal)}:
+                if layers < min_layers:
+                    continue
+                total = fixed + layers * per_layer
+                deviation = abs(total / target_params - 1)
+                aspect = d_model / layers
+                # Outside [1/8, 4] of the usual ratio no published model lives.
+                if deviation > tolerance or not base_ratio / 8 <= aspect <= base_ratio * 4:
+                    continue
+                # Ratio in log space; 1% of deviation weighs like 5% of ratio.
+                score = abs(math.log(aspect / ratio)) + 5 * deviation
+                if heads > 1 and heads % 2:
+                    score += 0.1  # an odd head count is legal but no published model uses one
+                if best is None or score < best[0]:
+                    best = (score, Solution(d_model, layers, heads, d_ff, total, target_params))
+    return best[1] if best else None

@@ -138,7 +138,20 @@ def make_plan(cfg, tokenizer, train_records, val_records, source_name):
             "warmup_steps": warmup,
             "optimizer": t.optimizer,
         },
+        "sizing": _sizing(m, params["total"]),
         "notes": notes,
+    }
+
+
+def _sizing(model_cfg, total):
+    if model_cfg.target_params is None:
+        return None
+    return {
+        "target_params": model_cfg.target_params,
+        "prefer_depth": model_cfg.prefer_depth,
+        "total_params": total,
+        "deviation": total / model_cfg.target_params - 1,
+        "aspect_ratio": model_cfg.d_model / model_cfg.num_layers,
     }
 
 
@@ -161,4 +174,11 @@ def format_plan(plan):
         f"optimizer: {s['optimizer']}, lr {s['learning_rate']:g} -> {s['lr_end']:g} (cosine), "
         f"warmup {s['warmup_steps']} steps",
     ]
+    if plan.get("sizing"):
+        z = plan["sizing"]
+        lines.insert(1, (
+            f"sizing: --target-params {z['target_params']:,}{' --prefer-depth' if z['prefer_depth'] else ''} -> "
+            f"d_model {a['d_model']}, {a['num_layers']} layers, {a['num_heads']} heads, d_ff {a['d_ff']}: "
+            f"{z['total_params']:,} parameters ({100 * z['deviation']:+.2f}%), d_model/layers {z['aspect_ratio']:.0f}"
+        ))
     return lines + [f"note: {n}" for n in plan["notes"]]
