@@ -94,7 +94,6 @@ def test_invalid_values_name_the_flag_and_fix(values, message):
     [
         ("data.dataset_id", "roneneldan/TinyStories", "--dataset-id"),
         ("tokenizer.vocab_size", 8000, "--vocab-size"),
-        ("model.use_lora", True, "--use-lora"),
         ("output.resume_from", "latest", "--resume-from"),
         ("cloud.cloud_provider", "s3", "--cloud-provider"),
     ],
@@ -150,3 +149,16 @@ def test_target_params_sets_the_architecture():
 def test_target_params_errors(values, message):
     with pytest.raises(UserError, match=message):
         resolve_config(values)
+
+
+def test_lora_flag_errors(tmp_path):
+    with pytest.raises(UserError, match="need --use-lora"):
+        resolve_config({"model.lora_rank": 4})
+    with pytest.raises(UserError, match="--lora-targets 'qkv,ffn': unknown target 'ffn'"):
+        resolve_config({"model.use_lora": True, "model.lora_targets": "qkv,ffn"})
+    with pytest.raises(UserError, match="--lora-rank must be a positive number"):
+        resolve_config({"model.use_lora": True, "model.lora_rank": 0})
+    with pytest.raises(UserError, match="--init-from /no/such: no such checkpoint directory"):
+        resolve_config({"model.init_from": "/no/such"})
+    cfg = resolve_config({"model.use_lora": True, "model.init_from": str(tmp_path)})
+    assert cfg.model.lora_targets == "qkv,out"

@@ -33,7 +33,6 @@ PENDING = {
     "when no dataset flag is given",
     "tokenizer": "tokenizer training (issue #4); the byte-level tokenizer needs "
     "no training and is used meanwhile",
-    "lora": "LoRA (issue #3)",
     "resume": "checkpoint resume (issue #6); start a fresh run with a new "
     "--output-dir, or --overwrite to move the old run aside",
     "cloud": "cloud checkpoint upload (issue #6); checkpoints are written to "
@@ -112,8 +111,11 @@ class ModelConfig:
     use_rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
     flash_attention: bool = _opt(True, "Force the plain attention kernel (flash is used automatically where supported).", flag="--no-flash-attention")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the LM head.")
-    use_lora: bool = _opt(False, "Train LoRA adapters instead of the full model.", pending="lora")
-    lora_rank: int = _opt(8, "LoRA rank.", pending="lora")
+    use_lora: bool = _opt(False, "Train LoRA adapters only; every other weight is frozen.")
+    lora_rank: int = _opt(8, "LoRA rank.")
+    lora_alpha: float = _opt(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: the rank).", type=float)
+    lora_targets: str = _opt("qkv,out", "Projections that get adapters: a comma-separated subset of qkv, out, up, down.")
+    init_from: str = _opt(None, "Start from the weights of this checkpoint dir (fine-tuning, LoRA); the architecture must match.", type=str)
 
 
 @dataclasses.dataclass
@@ -428,6 +430,17 @@ def validate(cfg):
             f"--activation {m.activation} applies to the plain MLP only; add --no-swiglu "
             f"(SwiGLU always gates with SiLU)"
         )
+
+    _positive(m.lora_rank, flags["lora_rank"])
+    _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
+    if m.use_lora:
+        from ultimate_trainer.models.lora import parse_targets
+
+        parse_targets(m.lora_targets)
+    elif {"model.lora_rank", "model.lora_alpha", "model.lora_targets"} & cfg.explicit:
+        raise UserError("--lora-rank, --lora-alpha and --lora-targets need --use-lora; add it")
+    if m.init_from is not None and not Path(m.init_from).is_dir():
+        raise UserError(f"--init-from {m.init_from}: no such checkpoint directory")
 
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "learning_rate"):
         _positive(getattr(t, name), flags[name])

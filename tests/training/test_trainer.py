@@ -68,3 +68,22 @@ def test_nano_trains_20_steps_with_falling_loss(tmp_path):
     train, val = _metrics(out)
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert val[-1]["val_loss"] < val[0]["val_loss"]
+
+
+def test_lora_fine_tune_from_a_checkpoint(tmp_path):
+    base = tmp_path / "base"
+    assert run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(base)]).returncode == 0
+    tuned = tmp_path / "tuned"
+    result = run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(tuned), "--init-from",
+                      str(base / "checkpoint-2"), "--use-lora", "--lora-rank", "2", "--lora-alpha", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 2 on qkv (32 -> 96) and out (32 -> 32) in 2 layers
+    assert "1,024 trainable (LoRA rank 2 on qkv, out; the base is frozen)" in result.stdout
+    assert f"initialised from {base / 'checkpoint-2'}" in result.stdout
+    assert (tuned / "checkpoint-2" / "lora_adapter.npz").is_file()
+    assert (tuned / "checkpoint-2" / "lora_config.json").is_file()
+
+    mismatch = run_cli([*tiny_model_flags(), "--num-layers", "3", "--max-steps", "2", "--output-dir",
+                        str(tmp_path / "x"), "--init-from", str(base / "checkpoint-2")])
+    assert mismatch.returncode == 2
+    assert "the checkpoint has num_layers=2 but this run builds num_layers=3" in mismatch.stderr

@@ -14,6 +14,10 @@ from ultimate_trainer import config as config_lib
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "trainer_state.json"
+MODEL_CONFIG_FILE = "model_config.json"
+# CausalLM config keys that may differ between a checkpoint and the model
+# that loads its weights: they change no weight's shape or meaning.
+FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention"}
 
 
 def _fsync_tree(directory):
@@ -23,8 +27,15 @@ def _fsync_tree(directory):
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(model, tokenizer, cfg, output_dir, name, state):
+def architecture(model):
+    """The part of a model's config that fixes its weights."""
+    return {k: v for k, v in model.get_config().items() if k not in FREE_KEYS}
+
+
+def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=None):
     """Writes `output_dir/name/` atomically and returns its path.
+
+    `write_extra(tmp_dir)` may add files before the rename (LoRA adapters).
 
     Example:
         save_checkpoint(model, tokenizer, cfg, "out", "checkpoint-100", {"step": 100})
@@ -39,12 +50,39 @@ def save_checkpoint(model, tokenizer, cfg, output_dir, name, state):
     tokenizer.save(tmp)
     config_lib.write_json(cfg, tmp / "training_args.json")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(architecture(model), indent=2) + "\n")
+    if write_extra is not None:
+        write_extra(tmp)
     _fsync_tree(tmp)
     if final.exists():
         # Never overwrite a checkpoint in place: keep the older one beside it.
         final.rename(output_dir / f".{name}.replaced-{os.getpid()}")
     os.replace(tmp, final)
     return final
+
+
+def init_from(model, checkpoint_dir):
+    """Loads a checkpoint's weights into `model`; the architectures must match.
+
+    A RoPE model may change `seq_len` (its weights do not depend on it); every
+    other difference is refused, naming the field.
+    """
+    from ultimate_trainer.errors import UserError
+
+    directory = Path(checkpoint_dir)
+    if not (directory / MODEL_FILE).is_file() or not (directory / MODEL_CONFIG_FILE).is_file():
+        raise UserError(f"--init-from {checkpoint_dir}: not a checkpoint (needs {MODEL_FILE} and {MODEL_CONFIG_FILE})")
+    theirs = json.loads((directory / MODEL_CONFIG_FILE).read_text())
+    ours = architecture(model)
+    for key in sorted(set(theirs) | set(ours)):
+        if key == "seq_len" and ours.get("use_rope"):
+            continue
+        if theirs.get(key) != ours.get(key):
+            raise UserError(
+                f"--init-from {checkpoint_dir}: the checkpoint has {key}={theirs.get(key)!r} but this run "
+                f"builds {key}={ours.get(key)!r}; match the flag to the checkpoint"
+            )
+    model.load_weights(directory / MODEL_FILE)
 
 
 def load_model(checkpoint_dir):

@@ -54,8 +54,13 @@ def count_params(
     use_rmsnorm=True,
     use_swiglu=True,
     tie_embeddings=False,
+    lora_rank=0,
+    lora_targets=(),
 ):
     """Exact parameter count of the model `CausalLM` builds for these flags.
+
+    With `lora_rank`, adapters of that rank on `lora_targets` (names from
+    `models/lora.py`) are added and become the only trainable weights.
 
     Example:
         >>> count_params(258, 128, 6, 4, 512, 256).total
@@ -71,13 +76,20 @@ def count_params(
     position_embedding = 0 if use_rope else seq_len * d_model
     lm_head = 0 if tie_embeddings else vocab_size * d_model
     embedding = token_embedding + position_embedding + lm_head
-    non_embedding = num_layers * per_layer + norm
+    lora_shapes = {  # (in, out) of each target projection
+        "qkv": (d_model, (num_heads + 2 * num_kv_heads) * head_dim),
+        "out": (num_heads * head_dim, d_model),
+        "up": (d_model, (2 if use_swiglu else 1) * d_ff),
+        "down": (d_ff, d_model),
+    }
+    lora = num_layers * sum(lora_rank * sum(lora_shapes[t]) for t in lora_targets) if lora_rank else 0
+    non_embedding = num_layers * per_layer + norm + lora
     total = embedding + non_embedding
     return ParamCounts(
         total=total,
         embedding=embedding,
         non_embedding=non_embedding,
-        trainable=total,
+        trainable=lora if lora_rank else total,
     )
 
 

@@ -11,6 +11,14 @@ from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
 
 
+def lora_targets(model_cfg):
+    if not model_cfg.use_lora:
+        return ()
+    from ultimate_trainer.models.lora import parse_targets
+
+    return parse_targets(model_cfg.lora_targets)
+
+
 def model_summary(model_cfg, vocab_size):
     m = model_cfg
     counts = sizing.count_params(
@@ -25,6 +33,8 @@ def model_summary(model_cfg, vocab_size):
         use_rmsnorm=m.use_rmsnorm,
         use_swiglu=m.use_swiglu,
         tie_embeddings=m.tie_embeddings,
+        lora_rank=m.lora_rank if m.use_lora else 0,
+        lora_targets=lora_targets(m),
     )
     architecture = {
         "preset": m.model_preset,
@@ -42,6 +52,10 @@ def model_summary(model_cfg, vocab_size):
         "positions": "rope" if m.use_rope else "learned",
         "tie_embeddings": m.tie_embeddings,
         "dropout_rate": m.dropout_rate,
+        "lora": {"rank": m.lora_rank, "alpha": m.lora_alpha or m.lora_rank, "targets": list(lora_targets(m))}
+        if m.use_lora
+        else None,
+        "init_from": m.init_from,
     }
     params = {
         "total": counts.total,
@@ -105,6 +119,8 @@ def make_plan(cfg, tokenizer, train_records, val_records, source_name):
             f"warming up over {warmup} steps (10%) instead"
         )
     lr_end = t.lr_end if t.lr_end is not None else t.learning_rate / 10
+    if m.use_lora and not m.init_from:
+        notes.append("--use-lora without --init-from trains adapters on a randomly initialised base model")
 
     return {
         "architecture": architecture,
@@ -165,7 +181,8 @@ def format_plan(plan):
         + (f" ({a['num_kv_heads']} kv)" if a["num_kv_heads"] != a["num_heads"] else "")
         + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
         f"vocab {a['vocab_size']}, seq_len {a['seq_len']}",
-        f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable",
+        f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable"
+        + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else ""),
         f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
         f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens ({d['tokenizer']['kind']} tokenizer)",
         f"steps: {s['rule']} -> {s['total_steps']:,} steps of {s['tokens_per_step']:,} tokens = "

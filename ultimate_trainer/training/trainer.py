@@ -62,8 +62,9 @@ def _backend_line(devices):
 def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
     import keras
 
-    from ultimate_trainer.checkpoint.store import save_checkpoint
+    from ultimate_trainer.checkpoint.store import init_from, save_checkpoint
     from ultimate_trainer.data.pipeline import eval_dataset, train_dataset
+    from ultimate_trainer.models import lora
     from ultimate_trainer.models.causal_lm import build_causal_lm
     from ultimate_trainer.training import callbacks as cb
     from ultimate_trainer.training.generation import sample_text
@@ -82,10 +83,22 @@ def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
     _say_attention_path(m, devices)
 
     model = build_causal_lm(m, tokenizer.vocab_size)
-    if model.count_params() != plan["parameters"]["total"]:
+    if m.init_from:
+        init_from(model, m.init_from)
+        say(f"initialised from {m.init_from}")
+    write_extra = None
+    if m.use_lora:
+        targets = lora.parse_targets(m.lora_targets)
+        lora.enable_lora(model, m.lora_rank, m.lora_alpha, targets)
+
+        def write_extra(directory):
+            lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
+    trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
+    if (model.count_params(), trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
         raise RuntimeError(
-            f"built model has {model.count_params():,} parameters but sizing.count_params says "
-            f"{plan['parameters']['total']:,}; the formula and the model have drifted apart"
+            f"built model has {model.count_params():,} parameters ({trainable:,} trainable) but "
+            f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
+            f"the formula and the model have drifted apart"
         )
     schedule = WarmupCosine(t.learning_rate, s["lr_end"], s["warmup_steps"], s["total_steps"])
     model.compile(
@@ -109,7 +122,7 @@ def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
     def save(step, name=None):
         path = save_checkpoint(
             model, tokenizer, cfg, out, name or f"checkpoint-{step}",
-            {"step": step, "tokens_seen": step * tokens_per_step},
+            {"step": step, "tokens_seen": step * tokens_per_step}, write_extra,
         )
         say(f"saved {path}")
         return path
