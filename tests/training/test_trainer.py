@@ -77,8 +77,8 @@ def test_lora_fine_tune_from_a_checkpoint(tmp_path):
     result = run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(tuned), "--init-from",
                       str(base / "checkpoint-2"), "--use-lora", "--lora-rank", "2", "--lora-alpha", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
-    # rank 2 on qkv (32 -> 96) and out (32 -> 32) in 2 layers
-    assert "1,024 trainable (LoRA rank 2 on qkv, out; the base is frozen)" in result.stdout
+    # rank 2 on qkv (32 -> 96) and out (32 -> 32) in 2 layers: 2 * (2 * (32 + 96) + 2 * (32 + 32))
+    assert "768 trainable (LoRA rank 2 on qkv, out; the base is frozen)" in result.stdout
     assert f"initialised from {base / 'checkpoint-2'}" in result.stdout
     assert (tuned / "checkpoint-2" / "lora_adapter.npz").is_file()
     assert (tuned / "checkpoint-2" / "lora_config.json").is_file()
