@@ -162,3 +162,12 @@ def test_lora_flag_errors(tmp_path):
         resolve_config({"model.init_from": "/no/such"})
     cfg = resolve_config({"model.use_lora": True, "model.init_from": str(tmp_path)})
     assert cfg.model.lora_targets == "qkv,out"
+
+
+def test_recipe_choice_values_are_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  optimizer: lamb\n")
+    with pytest.raises(UserError, match="--optimizer 'lamb' is not one of adamw, adam, sgd"):
+        resolve_config({"run.config": str(recipe)})
+    with pytest.raises(UserError, match="--tokenizer sentencepiece is not available yet"):
+        resolve_config({"tokenizer.tokenizer": "sentencepiece"})

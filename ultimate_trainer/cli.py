@@ -24,10 +24,11 @@ library's documentation topics), so the first run needs no network:
 EPILOG = """\
 commands:
   train (default)   train a model; the flags above
+  export            write a checkpoint as a Hugging Face transformers model; see export --help
 examples:
   python -m ultimate_trainer --model-preset nano --dry-run
   python -m ultimate_trainer --model-preset tiny --backend torch --max-steps 200
-  python -m ultimate_trainer --config presets/llama-1.36b.yaml --dry-run --json
+  python -m ultimate_trainer --target-params 20M --prefer-depth --dry-run --json
 """
 
 
@@ -91,7 +92,38 @@ def _train(argv):
     return train(cfg)
 
 
-COMMANDS = {"train": _train}
+def _export(argv):
+    import json
+    from pathlib import Path
+
+    from ultimate_trainer.backend import BACKENDS, select_backend
+
+    parser = _Parser(
+        prog="ultimate-trainer export",
+        description="Write a checkpoint as a Hugging Face transformers model directory (docs/export.md).",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint-<step> directory")
+    parser.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers (default: hf)")
+    parser.add_argument("--output", required=True, metavar="OUT_DIR", help="a new or empty directory")
+    parser.add_argument("--backend", choices=BACKENDS, help="keras backend that loads the checkpoint")
+    args = parser.parse_args(argv)
+    from ultimate_trainer.export.hf import check_output_dir, export_hf
+
+    check_output_dir(args.output)
+    select_backend(args.backend)
+    from ultimate_trainer.checkpoint.store import load_model
+
+    model, tokenizer = load_model(args.checkpoint)
+    files = export_hf(model, tokenizer, args.output)
+    out = Path(args.output)
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {args.checkpoint} as transformers {architecture} to {out}:")
+    for name in files:
+        print(f"  {name} ({(out / name).stat().st_size:,} bytes)")
+    return 0
+
+
+COMMANDS = {"train": _train, "export": _export}
 
 
 def main(argv=None):

@@ -83,7 +83,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    tokenizer: str = _opt("byte", "Tokenizer kind. `byte`: 256 byte ids plus EOS and PAD, no training.", choices=["byte"])
+    tokenizer: str = _opt("byte", "Tokenizer kind. `byte`: 256 byte ids plus EOS and PAD, no training; `sentencepiece`: trained on the data.", choices=["byte", "sentencepiece"])
     auto_vocab_size: bool = _opt(False, "Pick the vocab size from the data.", pending="tokenizer")
     vocab_size: int = _opt(16000, "Vocab size of a trained tokenizer.", pending="tokenizer")
     min_vocab_size: int = _opt(5000, "Lower bound for --auto-vocab-size.", pending="tokenizer")
@@ -402,6 +402,14 @@ def validate(cfg):
         key = f"{attr}.{f.name}"
         if reason and key in cfg.explicit and getattr(getattr(cfg, attr), f.name) != f.default:
             raise UserError(f"{flags[f.name]} is not available yet: it comes with {PENDING[reason]}")
+
+    for attr, _, f in iter_fields():
+        value = getattr(getattr(cfg, attr), f.name)
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise UserError(f"{flags[f.name]} {value!r} is not one of {', '.join(choices)}")
+    if cfg.tokenizer.tokenizer != "byte":
+        raise UserError(f"--tokenizer {cfg.tokenizer.tokenizer} is not available yet: it comes with {PENDING['tokenizer']}")
 
     m, t, o = cfg.model, cfg.training, cfg.output
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "seq_len"):
