@@ -90,6 +90,11 @@ class CausalSelfAttention(keras.layers.Layer):
         if self.rotary is not None:
             q = self.rotary(q)
             k = self.rotary(k)
+        if self.num_kv_heads == 1 < self.num_heads:
+            # TensorFlow's CPU einsum cannot broadcast a single kv head
+            # against several query heads; multi-query attention repeats it.
+            k = ops.repeat(k, self.num_heads, axis=2)
+            v = ops.repeat(v, self.num_heads, axis=2)
         y = ops.dot_product_attention(q, k, v, is_causal=True, flash_attention=self.flash_attention)
         return self.out(ops.reshape(y, (batch, seq, q_width)))
 
