@@ -28,3 +28,13 @@ def test_recipe_parameter_counts(name, exact, stated):
     assert counts.total == exact
     assert abs(counts.total / stated - 1) < 0.005  # the recipe's rounded figure
     assert f"{exact:,}" in (PRESETS / f"{name}.yaml").read_text()
+
+
+def test_models_doc_preset_table_matches_the_formula():
+    doc = (PRESETS.parent / "docs" / "models.md").read_text()
+    for name, (d, layers, heads, d_ff) in sizing.SIZE_PRESETS.items():
+        byte = sizing.count_params(258, d, layers, heads, d_ff, 256)
+        vocab32k = sizing.count_params(32000, d, layers, heads, d_ff, 256)
+        row = (f"| {name} | {d} | {layers} | {heads} | {d_ff} | {byte.total:,} | {byte.non_embedding:,} | "
+               f"{vocab32k.total:,} |")
+        assert row in doc, row
