@@ -10,7 +10,8 @@ from ultimate_trainer.data.pipeline import (
     train_dataset,
     window_step,
     windows_in,
-    _tokenized,
+    _records_dataset,
+    _tokenize,
 )
 from ultimate_trainer.data.tokenizers import ByteTokenizer
 
@@ -31,7 +32,7 @@ RECORDS = ["hello world", "a", "", "ünïcode ✓ text", "x" * 97, "the end"]
 @pytest.mark.parametrize("seq_len,stride", [(4, None), (4, 0), (4, 2), (7, 6), (16, 3), (200, None)])
 def test_pack_matches_numpy_reference(seq_len, stride):
     window, step = window_step(seq_len, stride)
-    got = np.array([w.numpy() for w in pack(_tokenized(RECORDS, TOK, repeat=False), window, step)])
+    got = np.array([w.numpy() for w in pack(_tokenize(_records_dataset(RECORDS), TOK), window, step)])
     expected = reference_windows(RECORDS, window, step)
     assert got.reshape(-1, window).shape == expected.shape
     np.testing.assert_array_equal(got.reshape(-1, window), expected)
@@ -70,3 +71,34 @@ def test_eval_dataset_is_ordered_and_keeps_the_short_last_batch():
     got = np.concatenate([np.concatenate([x, y[:, -1:]], axis=1) for x, y in batches])
     np.testing.assert_array_equal(got, windows)
     assert batches[-1][0].shape[0] == len(windows) % 3 or len(windows) % 3 == 0
+
+
+def _batches(ds, n):
+    return [np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1) for x, y in ds.take(n)]
+
+
+@pytest.mark.parametrize("shuffle_buffer_size", [1, 7, 64, 10000])
+def test_resume_at_any_window_gives_the_uninterrupted_batches(shuffle_buffer_size):
+    records = [f"doc {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(6)]
+    args = dict(records=records, tokenizer=TOK, seq_len=8, batch_size=3, stride=2,
+                shuffle_buffer_size=shuffle_buffer_size, seed=11)
+    straight = np.concatenate(_batches(train_dataset(**args), 60))  # several epochs
+    window, step = window_step(8, 2)
+    per_epoch = windows_in(count_stream_tokens(records, TOK), window, step)
+    assert len(straight) > 3 * per_epoch
+    for steps_done in (1, 5, 17, 33):
+        resumed = np.concatenate(_batches(train_dataset(**args, start_window=steps_done * 3), 8))
+        np.testing.assert_array_equal(resumed, straight[steps_done * 3 : steps_done * 3 + len(resumed)])
+
+
+def test_each_epoch_holds_every_window_once():
+    records = [f"record {i} " * 3 for i in range(30)]
+    window, step = window_step(6, None)
+    per_epoch = windows_in(count_stream_tokens(records, TOK), window, step)
+    # Blocks of one epoch's size line up with the epochs.
+    ds = train_dataset(records, TOK, 6, 1, shuffle_buffer_size=per_epoch, seed=1)
+    rows = np.concatenate(_batches(ds, 2 * per_epoch))
+    expected = sorted(tuple(w) for w in reference_windows(records, window, step))
+    for epoch in range(2):
+        assert sorted(map(tuple, rows[epoch * per_epoch : (epoch + 1) * per_epoch])) == expected
+    assert not np.array_equal(rows[:per_epoch], rows[per_epoch:]), "each epoch has its own order"

@@ -1,6 +1,16 @@
 """The streaming tf.data input: tokenize in the graph, pack, shuffle, batch.
 
 The same `tf.data.Dataset` feeds `model.fit` on jax, torch and tensorflow.
+
+Every window of the endless training stream has a global index n, and the
+stream is a pure function of (records, tokenizer, seed): the packing restarts
+at each epoch (the tail of an epoch that does not fill a window is dropped),
+so epoch e holds exactly `windows_per_epoch` windows, and the shuffle permutes
+consecutive blocks of `shuffle_buffer_size` windows with a stateless seed
+(seed, block). So the pipeline's state is one number, the next window to
+read, and `train_dataset(..., start_window=n)` yields exactly the batches an
+uninterrupted stream yields from window n on: it skips whole epochs at the
+record level and re-packs only the current block's epoch up to n.
 """
 
 import tensorflow as tf
@@ -29,12 +39,13 @@ def count_stream_tokens(records, tokenizer):
     return sum(tokenizer.count_tokens(text) + 1 for text in records)
 
 
-def _tokenized(records, tokenizer, repeat):
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string))
-    if repeat:
-        ds = ds.repeat()
+def _records_dataset(records):
+    return tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string))
+
+
+def _tokenize(text_ds, tokenizer):
     eos = tf.constant([tokenizer.eos_id], tf.int32)
-    return ds.map(
+    return text_ds.map(
         lambda text: tf.concat([tokenizer.tf_encode(text), eos], axis=0),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -58,20 +69,57 @@ def pack(token_ds, window, step):
     return token_ds.scan(tf.zeros([0], tf.int32), scan_fn).unbatch()
 
 
+def _epoch_windows(records, tokenizer, window, step, first_epoch):
+    """Windows of epochs first_epoch, first_epoch + 1, ...; packing restarts each epoch."""
+    epochs = tf.data.Dataset.range(first_epoch, 2**62)
+    return epochs.flat_map(lambda _: pack(_tokenize(_records_dataset(records), tokenizer), window, step))
+
+
+def _block_shuffle(window_ds, block_size, seed, first_block):
+    """Permutes each block of `block_size` consecutive windows with seed (seed, block)."""
+
+    def shuffle(index, block):
+        return tf.random.experimental.stateless_shuffle(block, seed=tf.stack([tf.cast(seed, tf.int64), index]))
+
+    return window_ds.batch(block_size).enumerate(start=first_block).map(shuffle).unbatch()
+
+
 def _split(batch):
     return batch[:, :-1], batch[:, 1:]
 
 
-def train_dataset(records, tokenizer, seq_len, batch_size, stride=None, shuffle_buffer_size=10000, seed=0):
-    """Endless shuffled batches `(inputs, targets)`, each `[batch, seq_len]` int32.
+def train_dataset(
+    records,
+    tokenizer,
+    seq_len,
+    batch_size,
+    stride=None,
+    shuffle_buffer_size=10000,
+    seed=0,
+    start_window=0,
+    windows_per_epoch=None,
+):
+    """Endless shuffled batches `(inputs, targets)`, each `[batch, seq_len]` int32,
+    starting at global window `start_window`.
+
+    `windows_per_epoch` is counted from `records` when not given; it must
+    be the count for these records, tokenizer and window.
 
     Example:
         ds = train_dataset(["some text"] * 100, ByteTokenizer(), 8, 4)
         x, y = next(iter(ds))   # y is x shifted left by one token
     """
     window, step = window_step(seq_len, stride)
-    ds = pack(_tokenized(records, tokenizer, repeat=True), window, step)
-    ds = ds.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
+    if windows_per_epoch is None:
+        windows_per_epoch = windows_in(count_stream_tokens(records, tokenizer), window, step)
+    if windows_per_epoch < 1:
+        raise ValueError(f"the records hold no window of {window} tokens")
+    block = min(shuffle_buffer_size, windows_per_epoch)
+    first_block = start_window // block
+    block_start = first_block * block
+    first_epoch, offset = divmod(block_start, windows_per_epoch)
+    ds = _epoch_windows(records, tokenizer, window, step, first_epoch).skip(offset)
+    ds = _block_shuffle(ds, block, seed, first_block).skip(start_window - block_start)
     ds = ds.batch(batch_size, drop_remainder=True).map(_split)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -79,5 +127,17 @@ def train_dataset(records, tokenizer, seq_len, batch_size, stride=None, shuffle_
 def eval_dataset(records, tokenizer, seq_len, batch_size):
     """One ordered pass over `records` in non-overlapping windows; the last batch may be short."""
     window, step = window_step(seq_len, None)
-    ds = pack(_tokenized(records, tokenizer, repeat=False), window, step)
+    ds = pack(_tokenize(_records_dataset(records), tokenizer), window, step)
     return ds.batch(batch_size).map(_split).prefetch(tf.data.AUTOTUNE)
+
+
+def stream_state(next_window, windows_per_epoch, seed, shuffle_buffer_size):
+    """The pipeline's position as stored in a checkpoint."""
+    return {
+        "kind": "stream",
+        "next_window": int(next_window),
+        "epoch": int(next_window // windows_per_epoch),
+        "windows_per_epoch": int(windows_per_epoch),
+        "seed": int(seed),
+        "shuffle": {"kind": "block", "block_size": int(min(shuffle_buffer_size, windows_per_epoch))},
+    }
