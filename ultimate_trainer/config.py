@@ -29,8 +29,6 @@ REDACTED = "***REDACTED***"
 # Features whose flags exist but whose work lands with a later issue. Passing
 # such a flag stops the run with a message naming it; it is never ignored.
 PENDING = {
-    "data": "the data-sources work (issue #4); the embedded default data is used "
-    "when no dataset flag is given",
     "tokenizer": "tokenizer training (issue #4); the byte-level tokenizer needs "
     "no training and is used meanwhile",
     "resume": "checkpoint resume (issue #6); start a fresh run with a new "
@@ -70,14 +68,14 @@ def _opt(default, help, **meta):
 
 @dataclasses.dataclass
 class DataConfig:
-    dataset_id: str = _opt(None, "Hugging Face or TFDS dataset id.", type=str, pending="data")
-    dataset_config: str = _opt(None, "Dataset configuration name (e.g. `en` for C4).", type=str, pending="data")
-    text_column: str = _opt("text", "Column that holds the text.", pending="data")
-    split: str = _opt("train", "Split to train on.", pending="data")
-    val_split: str = _opt(None, "Split to validate on; without it a deterministic slice of the training data is held out.", type=str, pending="data")
+    dataset_id: str = _opt(None, "Hugging Face dataset id (streamed; needs network), or the directory of a downloaded copy.", type=str)
+    dataset_config: str = _opt(None, "Dataset configuration name (e.g. `en` for C4); with --dataset-id.", type=str)
+    text_column: str = _opt("text", "Column (field, feature) that holds the text.")
+    split: str = _opt("train", "Split to train on; with --dataset-id.")
+    val_split: str = _opt(None, "Split to validate on, with --dataset-id; without it a deterministic slice of the training data is held out.", type=str)
     max_train_examples: int = _opt(None, "Use at most this many training records.", type=int)
     max_val_examples: int = _opt(None, "Use at most this many validation records.", type=int)
-    data_files: str = _opt(None, "Local file, directory or glob (txt, jsonl, parquet, csv, TFRecord).", type=str, pending="data")
+    data_files: str = _opt(None, "Local file, directory (recursive) or glob: .txt, .jsonl, .json, .parquet, .csv, .tfrecord (docs/data.md).", type=str)
     val_fraction: float = _opt(0.05, "Share of records held out for validation when there is no --val-split.")
 
 
@@ -486,8 +484,30 @@ def validate(cfg):
     _positive(d.max_val_examples, flags["max_val_examples"], allow_none=True)
     if not 0 < d.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
+    _validate_data(cfg.data, cfg.explicit, flags)
     if cfg.run.json and not cfg.run.dry_run:
         raise UserError("--json only applies to --dry-run; add --dry-run")
+
+
+def _validate_data(d, explicit, flags):
+    from ultimate_trainer.data import sources
+
+    if d.dataset_id and d.data_files:
+        raise UserError("--dataset-id and --data-files both choose the data; pass only one")
+    if not d.dataset_id:
+        defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+        for name in ("dataset_config", "split", "val_split"):
+            if f"data.{name}" in explicit and getattr(d, name) != defaults[name]:
+                raise UserError(
+                    f"{flags[name]} applies to --dataset-id only; local files and the default data hold out "
+                    f"a slice by --val-fraction instead"
+                )
+    if d.val_split is not None and d.val_split == d.split:
+        raise UserError(f"--val-split {d.val_split} is also the training --split; validate on another split")
+    if not d.text_column:
+        raise UserError("--text-column must not be empty")
+    if d.data_files:
+        sources.resolve_data_files(d.data_files)
 
 
 def write_json(cfg, path):
