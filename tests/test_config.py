@@ -92,7 +92,6 @@ def test_invalid_values_name_the_flag_and_fix(values, message):
 @pytest.mark.parametrize(
     "key,value,flag",
     [
-        ("tokenizer.vocab_size", 8000, "--vocab-size"),
         ("output.resume_from", "latest", "--resume-from"),
         ("cloud.cloud_provider", "s3", "--cloud-provider"),
     ],
@@ -168,5 +167,6 @@ def test_recipe_choice_values_are_checked(tmp_path):
     recipe.write_text("training:\n  optimizer: lamb\n")
     with pytest.raises(UserError, match="--optimizer 'lamb' is not one of adamw, adam, sgd"):
         resolve_config({"run.config": str(recipe)})
-    with pytest.raises(UserError, match="--tokenizer sentencepiece is not available yet"):
-        resolve_config({"tokenizer.tokenizer": "sentencepiece"})
+    recipe.write_text("tokenizer:\n  tokenizer: sentencepiece\n  tokenizer_model: wordpiece\n")
+    with pytest.raises(UserError, match="--tokenizer-model 'wordpiece' is not one of bpe, unigram"):
+        resolve_config({"run.config": str(recipe)})

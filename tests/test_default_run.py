@@ -15,8 +15,8 @@ def test_default_nano_run_learns_and_writes_its_outputs(tmp_path):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["final_val_loss"] <= 0.7 * summary["initial_val_loss"], summary
     step = summary["steps"]
-    for name in ("training_args.json", "tokenizer.json", "metrics.jsonl", "samples.txt",
-                 f"checkpoint-{step}/model.keras", f"checkpoint-{step}/tokenizer.json"):
+    for name in ("training_args.json", "ut_tokenizer.json", "metrics.jsonl", "samples.txt",
+                 f"checkpoint-{step}/model.keras", f"checkpoint-{step}/ut_tokenizer.json"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and any("val_loss" in r for r in records)

@@ -29,8 +29,6 @@ REDACTED = "***REDACTED***"
 # Features whose flags exist but whose work lands with a later issue. Passing
 # such a flag stops the run with a message naming it; it is never ignored.
 PENDING = {
-    "tokenizer": "tokenizer training (issue #4); the byte-level tokenizer needs "
-    "no training and is used meanwhile",
     "resume": "checkpoint resume (issue #6); start a fresh run with a new "
     "--output-dir, or --overwrite to move the old run aside",
     "cloud": "cloud checkpoint upload (issue #6); checkpoints are written to "
@@ -82,13 +80,14 @@ class DataConfig:
 @dataclasses.dataclass
 class TokenizerConfig:
     tokenizer: str = _opt("byte", "Tokenizer kind. `byte`: 256 byte ids plus EOS and PAD, no training; `sentencepiece`: trained on the data.", choices=["byte", "sentencepiece"])
-    auto_vocab_size: bool = _opt(False, "Pick the vocab size from the data.", pending="tokenizer")
-    vocab_size: int = _opt(16000, "Vocab size of a trained tokenizer.", pending="tokenizer")
-    min_vocab_size: int = _opt(5000, "Lower bound for --auto-vocab-size.", pending="tokenizer")
-    max_vocab_size: int = _opt(50000, "Upper bound for --auto-vocab-size.", pending="tokenizer")
-    tokenizer_train_examples: int = _opt(10000, "Records used to train the tokenizer.", pending="tokenizer")
-    retrain_tokenizer: bool = _opt(False, "Train a new tokenizer even if the output dir holds one.", pending="tokenizer")
-    tokenizer_path: str = _opt(None, "Existing tokenizer (SentencePiece .model, or vocab.json+merges.txt dir).", type=str, pending="tokenizer")
+    tokenizer_model: str = _opt("bpe", "SentencePiece algorithm for --tokenizer sentencepiece.", choices=["bpe", "unigram"])
+    auto_vocab_size: bool = _opt(False, "Pick the vocab size from the data: the smallest size on a doubling grid whose next size saves < 3%% of held-out tokens (docs/data.md).")
+    vocab_size: int = _opt(16000, "Vocab size of a trained tokenizer.")
+    min_vocab_size: int = _opt(5000, "Lower bound for --auto-vocab-size.")
+    max_vocab_size: int = _opt(50000, "Upper bound for --auto-vocab-size.")
+    tokenizer_train_examples: int = _opt(10000, "Records used to train the tokenizer.")
+    retrain_tokenizer: bool = _opt(False, "Train a new tokenizer even if the output dir holds one.")
+    tokenizer_path: str = _opt(None, "Existing tokenizer: a SentencePiece .model, a dir with vocab.json + merges.txt, or a run's output dir.", type=str)
 
 
 @dataclasses.dataclass
@@ -346,12 +345,26 @@ SIZED_BY_TARGET = ("d_model", "num_layers", "num_heads", "d_ff")
 
 
 def vocab_size_of(tokenizer_cfg):
-    """The vocab size a tokenizer config gives, known before any data is read."""
-    if tokenizer_cfg.tokenizer == "byte":
-        from ultimate_trainer.data.tokenizers import ByteTokenizer
+    """The vocab size a tokenizer config gives, known before any data is read.
 
-        return ByteTokenizer.vocab_size
-    return tokenizer_cfg.vocab_size
+    `byte`: 258; a trained tokenizer: --vocab-size; --tokenizer-path: read from
+    the files there. With --auto-vocab-size the size is only known after
+    training, so this raises `UserError` (the caller needs the size now).
+    """
+    t = tokenizer_cfg
+    from ultimate_trainer.data import tokenizers
+
+    if t.tokenizer_path:
+        return tokenizers.peek_vocab_size(t.tokenizer_path)
+    if t.tokenizer == "byte":
+        return tokenizers.ByteTokenizer.vocab_size
+    if t.auto_vocab_size:
+        raise UserError(
+            "--target-params needs the vocab size before the data is read, but --auto-vocab-size picks it "
+            "after training the tokenizer; pass --vocab-size N instead (a dry run with --auto-vocab-size "
+            "prints the size it picks)"
+        )
+    return t.vocab_size
 
 
 def _apply_target_params(cfg):
@@ -406,8 +419,6 @@ def validate(cfg):
         choices = f.metadata.get("choices")
         if choices and value is not None and value not in choices:
             raise UserError(f"{flags[f.name]} {value!r} is not one of {', '.join(choices)}")
-    if cfg.tokenizer.tokenizer != "byte":
-        raise UserError(f"--tokenizer {cfg.tokenizer.tokenizer} is not available yet: it comes with {PENDING['tokenizer']}")
 
     m, t, o = cfg.model, cfg.training, cfg.output
     for name in ("d_model", "num_layers", "num_heads", "d_ff", "seq_len"):
@@ -485,6 +496,7 @@ def validate(cfg):
     if not 0 < d.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
     _validate_data(cfg.data, cfg.explicit, flags)
+    _validate_tokenizer(cfg.tokenizer, cfg.explicit, flags)
     if cfg.run.json and not cfg.run.dry_run:
         raise UserError("--json only applies to --dry-run; add --dry-run")
 
@@ -508,6 +520,49 @@ def _validate_data(d, explicit, flags):
         raise UserError("--text-column must not be empty")
     if d.data_files:
         sources.resolve_data_files(d.data_files)
+
+
+# Flags that only mean something when a tokenizer is trained here.
+TRAINING_FLAGS = ("tokenizer_model", "auto_vocab_size", "vocab_size", "min_vocab_size", "max_vocab_size",
+                  "tokenizer_train_examples", "retrain_tokenizer")
+
+
+def _validate_tokenizer(t, explicit, flags):
+    from ultimate_trainer.data import tokenizers
+
+    given = [name for name in TRAINING_FLAGS if f"tokenizer.{name}" in explicit and getattr(t, name) is not False]
+    if t.tokenizer_path:
+        if given:
+            raise UserError(
+                f"{flags[given[0]]} trains a tokenizer, but --tokenizer-path loads one; drop one of them"
+            )
+        if "tokenizer.tokenizer" in explicit and t.tokenizer == "byte":
+            raise UserError("--tokenizer byte needs no file; drop --tokenizer-path, or drop --tokenizer byte")
+        tokenizers.peek_vocab_size(t.tokenizer_path)  # exists and is a tokenizer
+        return
+    if t.tokenizer != "sentencepiece":
+        if given:
+            raise UserError(f"{flags[given[0]]} applies to a trained tokenizer; add --tokenizer sentencepiece")
+        return
+    for name in ("vocab_size", "min_vocab_size", "max_vocab_size", "tokenizer_train_examples"):
+        _positive(getattr(t, name), flags[name])
+    if t.auto_vocab_size:
+        if "tokenizer.vocab_size" in explicit:
+            raise UserError("--vocab-size and --auto-vocab-size both set the vocab size; pass only one")
+        if t.min_vocab_size > t.max_vocab_size:
+            raise UserError(
+                f"--min-vocab-size {t.min_vocab_size} is above --max-vocab-size {t.max_vocab_size}; swap or fix them"
+            )
+        low, low_flag = t.min_vocab_size, "--min-vocab-size"
+    else:
+        if {"tokenizer.min_vocab_size", "tokenizer.max_vocab_size"} & explicit:
+            raise UserError("--min-vocab-size and --max-vocab-size bound --auto-vocab-size; add it or drop them")
+        low, low_flag = t.vocab_size, "--vocab-size"
+    if low <= tokenizers.SP_MIN_VOCAB:
+        raise UserError(
+            f"{low_flag} {low} leaves no room for learned pieces: a trained tokenizer holds "
+            f"{tokenizers.SP_MIN_VOCAB} fixed ids (4 special, 256 bytes) first; use a few hundred more"
+        )
 
 
 def write_json(cfg, path):

@@ -165,7 +165,7 @@ def test_cli_export_end_to_end(checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(path), "--format", "hf", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"as transformers GPT2LMHeadModel to {out}" in printed
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "ut_tokenizer.json"):
         assert f"  {name} (" in printed
     assert max_logit_diff(model, out)[0] < TOLERANCE
 

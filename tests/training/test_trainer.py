@@ -18,7 +18,7 @@ def test_run_writes_every_artifact_and_loads_back(tmp_path):
     result = run_cli([*tiny_model_flags(), "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
                       "--save-every", "4", "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("training_args.json", "tokenizer.json", "metrics.jsonl", "training_summary.json", "samples.txt"):
+    for name in ("training_args.json", "ut_tokenizer.json", "metrics.jsonl", "training_summary.json", "samples.txt"):
         assert (out / name).is_file(), name
     assert (out / "checkpoint-4" / "model.keras").is_file()
     assert (out / "checkpoint-6" / "model.keras").is_file()

@@ -7,7 +7,8 @@ written by its own `save_pretrained` (`config.json`, `model.safetensors`,
 `generation_config.json`). What the target cannot hold is refused with a
 `UserError`, never approximated.
 
-The tokenizer is saved as our own `tokenizer.json` (reload it with
+The tokenizer is saved in our own form (`ut_tokenizer.json`, plus
+`tokenizer.model` or `vocab.json` + `merges.txt`; reload it with
 `ultimate_trainer.data.tokenizers.load_tokenizer`); no transformers tokenizer
 is made up for it. Its EOS and PAD ids go into the transformers config.
 
@@ -118,7 +119,7 @@ def _token_ids(model, tokenizer):
             f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.vocab_size}; "
             "export a checkpoint with its own tokenizer"
         )
-    # The byte tokenizer has no BOS: training put EOS after each document.
+    # No BOS: training put EOS after each document and never a BOS before one.
     return {"bos_token_id": None, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 

@@ -26,8 +26,10 @@ def train(cfg):
     out = Path(cfg.output.output_dir)
     prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
 
-    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer)
     train_records, val_records, source_name = sources.load_records(cfg.data)
+    tokenizer = tokenizers.make_tokenizer(
+        cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say
+    )
     plan = make_plan(cfg, tokenizer, train_records, val_records, source_name)
     devices = backend_lib.describe_devices()
     plan["backend"] = devices
