@@ -35,8 +35,9 @@ def prepare_output_dir(output_dir, overwrite, dry_run=False):
         return None
     if not overwrite:
         raise UserError(
-            f"--output-dir {output_dir} already holds a run ({entries[0].name}); choose another "
-            f"--output-dir, or pass --overwrite to move the old run into {out / PREVIOUS_RUNS}/"
+            f"--output-dir {output_dir} already holds a run ({entries[0].name}); continue it with "
+            f"--resume-from latest, choose another --output-dir, or pass --overwrite to move the old run "
+            f"into {out / PREVIOUS_RUNS}/"
         )
     if dry_run:
         return None

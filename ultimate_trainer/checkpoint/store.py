@@ -61,17 +61,16 @@ def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=
     return final
 
 
-def init_from(model, checkpoint_dir):
-    """Loads a checkpoint's weights into `model`; the architectures must match.
+def check_architecture(model, checkpoint_dir, flag="--init-from"):
+    """Refuses a checkpoint whose architecture differs from `model`'s, naming the field.
 
-    A RoPE model may change `seq_len` (its weights do not depend on it); every
-    other difference is refused, naming the field.
+    A RoPE model may change `seq_len` (its weights do not depend on it).
     """
     from ultimate_trainer.errors import UserError
 
     directory = Path(checkpoint_dir)
     if not (directory / MODEL_FILE).is_file() or not (directory / MODEL_CONFIG_FILE).is_file():
-        raise UserError(f"--init-from {checkpoint_dir}: not a checkpoint (needs {MODEL_FILE} and {MODEL_CONFIG_FILE})")
+        raise UserError(f"{flag} {checkpoint_dir}: not a checkpoint (needs {MODEL_FILE} and {MODEL_CONFIG_FILE})")
     theirs = json.loads((directory / MODEL_CONFIG_FILE).read_text())
     ours = architecture(model)
     for key in sorted(set(theirs) | set(ours)):
@@ -79,10 +78,34 @@ def init_from(model, checkpoint_dir):
             continue
         if theirs.get(key) != ours.get(key):
             raise UserError(
-                f"--init-from {checkpoint_dir}: the checkpoint has {key}={theirs.get(key)!r} but this run "
+                f"{flag} {checkpoint_dir}: the checkpoint has {key}={theirs.get(key)!r} but this run "
                 f"builds {key}={ours.get(key)!r}; match the flag to the checkpoint"
             )
-    model.load_weights(directory / MODEL_FILE)
+
+
+def init_from(model, checkpoint_dir):
+    """Loads a checkpoint's weights (not its optimizer) into `model`; the architectures must match."""
+    check_architecture(model, checkpoint_dir)
+    model.load_weights(Path(checkpoint_dir) / MODEL_FILE)
+
+
+def rng_state(model):
+    """Dropout RNG states (Keras seed generators), in the model's variable order.
+
+    They are not weights, so `model.save` leaves them out; an exact resume
+    needs them.
+    """
+    import keras
+
+    return [keras.ops.convert_to_numpy(v).tolist() for v in model.variables if "seed_generator_state" in v.path]
+
+
+def set_rng_state(model, values):
+    if not values:
+        return
+    states = [v for v in model.variables if "seed_generator_state" in v.path]
+    for variable, value in zip(states, values):
+        variable.assign(value)
 
 
 def load_model(checkpoint_dir):

@@ -16,49 +16,66 @@ import keras
 
 
 class StepClock:
-    """Maps Keras epochs to optimizer steps.
+    """Counts optimizer steps during `fit` and lays out its Keras epochs.
+
+    Keras epochs are `epoch_steps` long, the gcd of the log, eval and save
+    intervals, aligned to multiples of it in absolute step numbers; a run
+    that resumes between two of those boundaries first runs the short
+    segment up to the next one. `step` is the absolute number of optimizer
+    steps done, updated by `StepCounter`.
 
     Example:
         >>> clock = StepClock(total_steps=25, intervals=(10, 500, 1000))
-        >>> clock.epoch_steps, clock.epochs, clock.step_at_end(2)
-        (10, 3, 25)
+        >>> clock.epoch_steps, clock.segments()
+        (10, [(0, 10, 3)])
+        >>> StepClock(total_steps=25, intervals=(10,), start_step=7).segments()
+        [(7, 3, 1), (10, 10, 2)]
     """
 
-    def __init__(self, total_steps, intervals, accumulation=1):
+    def __init__(self, total_steps, intervals, accumulation=1, start_step=0):
         self.total_steps = total_steps
         self.accumulation = accumulation
-        self.epoch_steps = min(math.gcd(*intervals), total_steps)
-        self.epochs = math.ceil(total_steps / self.epoch_steps)
+        self.start_step = start_step
+        self.step = start_step
+        self.epoch_steps = max(1, min(math.gcd(*intervals), total_steps))
+        self.interrupted = False
+
+    def segments(self):
+        """[(first_step, steps per Keras epoch, Keras epochs)], one `fit` call each."""
+        out, step = [], self.start_step
+        if step % self.epoch_steps and step < self.total_steps:
+            aligned = min((step // self.epoch_steps + 1) * self.epoch_steps, self.total_steps)
+            out.append((step, aligned - step, 1))
+            step = aligned
+        if step < self.total_steps:
+            out.append((step, self.epoch_steps, math.ceil((self.total_steps - step) / self.epoch_steps)))
+        return out
+
+    def due(self, every):
+        """Whether an `every`-step event falls at the current step (never the final step:
+        the trainer handles that one after `fit`)."""
+        return self.step % every == 0 and self.start_step < self.step < self.total_steps
 
     @property
-    def fit_steps_per_epoch(self):
-        """Micro-batches per Keras epoch (fit counts micro-batches)."""
-        return self.epoch_steps * self.accumulation
-
-    def step_at_end(self, epoch):
-        return min((epoch + 1) * self.epoch_steps, self.total_steps)
-
-    def due(self, epoch, every):
-        """Whether an `every`-step event falls at the end of `epoch` (never at the final step:
-        the trainer handles that one after `fit`)."""
-        step = self.step_at_end(epoch)
-        return step % every == 0 and step < self.total_steps
+    def done(self):
+        return self.step >= self.total_steps
 
 
-class StopAtStep(keras.callbacks.Callback):
-    """Stops `fit` after exactly `total_steps` optimizer steps when the last epoch is short."""
+class StepCounter(keras.callbacks.Callback):
+    """Advances the clock; stops `fit` at the last step or, after an interrupt
+    request, at the next optimizer-step boundary."""
 
     def __init__(self, clock):
         super().__init__()
         self.clock = clock
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._micro = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        done = self._epoch * self.clock.fit_steps_per_epoch + batch + 1
-        if done >= self.clock.total_steps * self.clock.accumulation:
+        self._micro += 1
+        if self._micro % self.clock.accumulation:
+            return
+        self.clock.step += 1
+        if self.clock.done or self.clock.interrupted:
             self.model.stop_training = True
 
 
@@ -69,8 +86,11 @@ class MetricsLogger(keras.callbacks.Callback):
     line (with accumulation, over every micro-batch of those steps).
     """
 
-    def __init__(self, clock, log_every, tokens_per_step, schedule, metrics_path, printer=print):
+    def __init__(self, clock, log_every, tokens_per_step, schedule, metrics_path, printer=print,
+                 flops_per_token=None, peak_flops=None):
         super().__init__()
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
         self.clock = clock
         self.log_every = log_every
         self.tokens_per_step = tokens_per_step
@@ -83,22 +103,28 @@ class MetricsLogger(keras.callbacks.Callback):
         self._train_seconds = 0.0
         self._window_seconds = 0.0
         self._epoch_start = None
+        self._epoch_first_step = 0
+        self._run_start = None
 
     def on_train_begin(self, logs=None):
-        self._run_start = time.perf_counter()
+        if self._run_start is None:
+            self._run_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._epoch_first_step = self.clock.step
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._epoch_start
-        step = self.clock.step_at_end(epoch)
-        steps = step - min(epoch * self.clock.epoch_steps, step)
+        step = self.clock.step
+        steps = step - self._epoch_first_step
+        if not steps:
+            return
         self._loss_sum += float(logs["loss"]) * steps
         self._steps += steps
         self._window_seconds += seconds
         self._train_seconds += seconds
-        if step % self.log_every and step < self.clock.total_steps:
+        if step % self.log_every and not self.clock.done and not self.clock.interrupted:
             return
         loss = self._loss_sum / max(self._steps, 1)
         tokens_per_sec = self._steps * self.tokens_per_step / max(self._window_seconds, 1e-9)
@@ -109,6 +135,7 @@ class MetricsLogger(keras.callbacks.Callback):
             "lr": float(self.schedule(step - 1)),
             "tokens": step * self.tokens_per_step,
             "tokens_per_sec": tokens_per_sec,
+            "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None,
             "elapsed_sec": time.perf_counter() - self._run_start,
         }
         self.history.append(record)
@@ -116,7 +143,8 @@ class MetricsLogger(keras.callbacks.Callback):
         self.printer(
             f"step {step:>{len(str(self.clock.total_steps))}}/{self.clock.total_steps} | "
             f"loss {loss:.4f} | lr {record['lr']:.2e} | {tokens_per_sec:,.0f} tok/s | "
-            f"eta {format_seconds(remaining)}"
+            + (f"MFU {100 * record['mfu']:.1f}% | " if record["mfu"] is not None else "")
+            + f"eta {format_seconds(remaining)}"
         )
         self._loss_sum, self._steps, self._window_seconds = 0.0, 0, 0.0
 
@@ -138,8 +166,8 @@ class PeriodicEval(keras.callbacks.Callback):
         self.history = []
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.clock.due(epoch, self.eval_every):
-            self.history.append(run_eval(self.evaluate, self.clock.step_at_end(epoch), self.metrics_path, self.printer))
+        if self.clock.due(self.eval_every):
+            self.history.append(run_eval(self.evaluate, self.clock.step, self.metrics_path, self.printer))
 
 
 class PeriodicCheckpoint(keras.callbacks.Callback):
@@ -152,8 +180,8 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
         self.save = save
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.clock.due(epoch, self.save_every):
-            self.save(self.clock.step_at_end(epoch))
+        if self.clock.due(self.save_every):
+            self.save(self.clock.step)
 
 
 def run_eval(evaluate, step, metrics_path, printer=print):
