@@ -92,7 +92,6 @@ def test_invalid_values_name_the_flag_and_fix(values, message):
 @pytest.mark.parametrize(
     "key,value,flag",
     [
-        ("output.resume_from", "latest", "--resume-from"),
         ("cloud.cloud_provider", "s3", "--cloud-provider"),
     ],
 )

@@ -7,10 +7,10 @@ import pytest
 from ultimate_trainer import config
 from ultimate_trainer.data import pipeline, tokenizers
 from ultimate_trainer.models import sizing
-from ultimate_trainer.training import callbacks, schedules
+from ultimate_trainer.training import callbacks, mfu, schedules
 
 
-@pytest.mark.parametrize("module", [config, sizing, pipeline, tokenizers, callbacks, schedules])
+@pytest.mark.parametrize("module", [config, sizing, pipeline, tokenizers, callbacks, schedules, mfu])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.failed == 0

@@ -47,23 +47,31 @@ def describe_devices():
 
         version = jax.__version__
         kinds = collections.Counter(d.platform for d in jax.devices())
+        names = [d.device_kind for d in jax.devices()]
     elif name == "torch":
         import torch
 
         version = torch.__version__
         kinds = collections.Counter({"cpu": 1})
+        names = ["cpu"]
         if torch.cuda.is_available():
             kinds["gpu"] = torch.cuda.device_count()
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
         import tensorflow as tf
 
         version = tf.__version__
-        kinds = collections.Counter(d.device_type.lower() for d in tf.config.list_physical_devices())
+        physical = tf.config.list_physical_devices()
+        kinds = collections.Counter(d.device_type.lower() for d in physical)
+        accelerators = [d for d in physical if d.device_type != "CPU"]
+        names = [tf.config.experimental.get_device_details(d).get("device_name", d.device_type) for d in accelerators]
+        names = names or ["cpu"]
     return {
         "backend": name,
         "backend_version": version,
         "keras_version": keras.__version__,
         "devices": dict(kinds),
+        "device_names": names,
     }
 
 

@@ -24,6 +24,7 @@ library's documentation topics), so the first run needs no network:
 EPILOG = """\
 commands:
   train (default)   train a model; the flags above
+  prepare-data      tokenize the dataset into shards: prepare-data --data-dir DIR [dataset/tokenizer flags]
   export            write a checkpoint as a Hugging Face transformers model; see export --help
 examples:
   python -m ultimate_trainer --model-preset nano --dry-run
@@ -92,6 +93,27 @@ def _train(argv):
     return train(cfg)
 
 
+def _prepare_data(argv):
+    """`prepare-data --data-dir DIR [dataset and tokenizer flags]`: tokenize into shards."""
+    namespace = build_parser().parse_args(argv)
+    values = vars(namespace)
+    destination = values.pop("data.data_dir", None)
+    if not destination:
+        raise UserError("prepare-data needs --data-dir DIR, the directory to write the shards into")
+    cfg = config_lib.resolve_config(values)
+    from ultimate_trainer.backend import select_backend
+
+    select_backend(cfg.run.backend)
+    from ultimate_trainer.data import shards, sources, tokenizers
+
+    train, val, source = sources.load_records(cfg.data)
+    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, train, val, log=print)
+    shards.prepare_shards(destination, tokenizer, {"train": train, "val": val}, source,
+                          shard_tokens=cfg.loader.shard_tokens)
+    print(f"prepared {destination}; train with --data-dir {destination}")
+    return 0
+
+
 def _export(argv):
     import json
     from pathlib import Path
@@ -123,7 +145,7 @@ def _export(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "export": _export}
+COMMANDS = {"train": _train, "prepare-data": _prepare_data, "export": _export}
 
 
 def main(argv=None):

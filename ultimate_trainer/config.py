@@ -29,8 +29,6 @@ REDACTED = "***REDACTED***"
 # Features whose flags exist but whose work lands with a later issue. Passing
 # such a flag stops the run with a message naming it; it is never ignored.
 PENDING = {
-    "resume": "checkpoint resume (issue #6); start a fresh run with a new "
-    "--output-dir, or --overwrite to move the old run aside",
     "cloud": "cloud checkpoint upload (issue #6); checkpoints are written to "
     "--output-dir meanwhile",
 }
@@ -75,6 +73,7 @@ class DataConfig:
     max_val_examples: int = _opt(None, "Use at most this many validation records.", type=int)
     data_files: str = _opt(None, "Local file, directory (recursive) or glob: .txt, .jsonl, .json, .parquet, .csv, .tfrecord (docs/data.md).", type=str)
     val_fraction: float = _opt(0.05, "Share of records held out for validation when there is no --val-split.")
+    data_dir: str = _opt(None, "Train on pre-tokenized shards made by `ultimate-trainer prepare-data` (read by memmap).", type=str)
 
 
 @dataclasses.dataclass
@@ -129,13 +128,16 @@ class TrainingConfig:
     lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
     optimizer: str = _opt("adamw", "Optimizer.", choices=["adamw", "adam", "sgd"])
     seed: int = _opt(42, "Random seed for weights, data order and dropout.")
+    peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU (default: the data sheet for known GPUs/TPUs, measured on CPU).", type=float)
 
 
 @dataclasses.dataclass
 class LoaderConfig:
-    use_streaming: bool = _opt(True, "Tokenize on the fly in a streaming tf.data pipeline.", flag="--use-streaming", boolean_optional=True)
+    use_streaming: bool = _opt(True, "Stream and tokenize the text sources while training; --no-use-streaming reads shards from --data-dir instead.", flag="--use-streaming", boolean_optional=True)
     shuffle_buffer_size: int = _opt(10000, "Windows held in the shuffle buffer.")
     stride: int = _opt(None, "Tokens shared by consecutive training windows (default: 0, no overlap).", type=int)
+    tokenize_on_fly: bool = _opt(False, "Tokenize the sources while training (the default without --data-dir); excludes --data-dir.")
+    shard_tokens: int = _opt(100_000_000, "prepare-data: tokens per shard file.", type=count)
 
 
 @dataclasses.dataclass
@@ -150,7 +152,7 @@ class OutputConfig:
     save_every: int = _opt(1000, "Optimizer steps between checkpoints.")
     eval_every: int = _opt(500, "Optimizer steps between validation passes.")
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
-    resume_from: str = _opt(None, "Checkpoint dir, `latest`, or s3:// gs:// az:// URI to resume from.", type=str, pending="resume")
+    resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest checkpoint) or `latest` (newest in --output-dir); s3:// gs:// az:// URIs come with issue #6.", type=str)
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
 
 
@@ -462,6 +464,7 @@ def validate(cfg):
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "learning_rate"):
         _positive(getattr(t, name), flags[name])
     _positive(t.max_steps, flags["max_steps"], allow_none=True)
+    _positive(t.peak_flops, flags["peak_flops"], allow_none=True)
     _positive(t.total_tokens, flags["total_tokens"], allow_none=True)
     if t.max_steps is not None and t.total_tokens is not None:
         raise UserError("--max-steps and --total-tokens both set the run length; pass only one")
@@ -479,10 +482,29 @@ def validate(cfg):
         raise UserError(
             f"--stride {loader.stride} must be at least 0 and below --seq-len {m.seq_len}"
         )
-    if not loader.use_streaming:
+    _positive(loader.shard_tokens, flags["shard_tokens"])
+    if cfg.data.data_dir is not None:
+        if loader.tokenize_on_fly:
+            raise UserError("--tokenize-on-fly streams from the sources, --data-dir reads shards; pass only one")
+        source_flags = [
+            k for k in cfg.explicit
+            if k.startswith(("data.", "tokenizer.")) and k not in ("data.data_dir", "tokenizer.tokenizer_path")
+        ]
+        if source_flags:
+            name = source_flags[0].split(".", 1)[1]
+            raise UserError(
+                f"--{name.replace('_', '-')} does not apply with --data-dir: the shards already hold their "
+                f"tokenized data and tokenizer; pass such flags to `prepare-data` instead"
+            )
+        if not Path(cfg.data.data_dir).is_dir():
+            raise UserError(
+                f"--data-dir {cfg.data.data_dir}: no such directory; make it with "
+                f"`ultimate-trainer prepare-data --data-dir {cfg.data.data_dir}`"
+            )
+    if not loader.use_streaming and cfg.data.data_dir is None:
         raise UserError(
-            "--no-use-streaming needs pre-tokenized shards, which come with the data work "
-            "(issue #4); drop the flag to stream"
+            "--no-use-streaming reads pre-tokenized shards: add --data-dir DIR "
+            "(make it with `ultimate-trainer prepare-data --data-dir DIR`)"
         )
 
     for name in ("log_every", "save_every", "eval_every"):

@@ -6,9 +6,13 @@ Computed before any weight exists, from the closed-form formulas, so that
 
 import math
 
-from ultimate_trainer.data.pipeline import count_stream_tokens, window_step, windows_in
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
+
+
+def eval_batches_for(val_windows, batch_size, limit=None):
+    count = math.ceil(val_windows / batch_size)
+    return min(count, limit) if limit else count
 
 
 def lora_targets(model_cfg):
@@ -67,26 +71,26 @@ def model_summary(model_cfg, vocab_size):
     return architecture, params, flops
 
 
-def make_plan(cfg, tokenizer, train_records, val_records, source_name):
-    """Everything a run will do, as plain data (what `--dry-run --json` prints)."""
+def make_plan(cfg, tokenizer, inputs):
+    """Everything a run will do, as plain data (what `--dry-run --json` prints).
+
+    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`.
+    """
     m, t = cfg.model, cfg.training
     architecture, params, flops = model_summary(m, tokenizer.vocab_size)
-    window, step = window_step(m.seq_len, cfg.loader.stride)
-    train_tokens = count_stream_tokens(train_records, tokenizer)
-    val_tokens = count_stream_tokens(val_records, tokenizer)
-    windows_per_epoch = windows_in(train_tokens, window, step)
+    window, step = inputs.window, inputs.step
+    train_tokens, val_tokens = inputs.train_tokens, inputs.val_tokens
+    windows_per_epoch = inputs.windows_per_epoch
     sequences_per_step = t.batch_size * t.gradient_accumulation_steps
     tokens_per_step = sequences_per_step * m.seq_len
     steps_per_epoch = windows_per_epoch // sequences_per_step
-    val_windows = windows_in(val_tokens, window, window)
+    val_windows = inputs.val_windows
     if val_windows == 0:
         raise UserError(
             f"the validation data holds {val_tokens} tokens, fewer than one window of {window}; "
             f"raise --val-fraction or --max-val-examples, or lower --seq-len"
         )
-    eval_batches = math.ceil(val_windows / t.batch_size)
-    if cfg.output.eval_steps:
-        eval_batches = min(eval_batches, cfg.output.eval_steps)
+    eval_batches = eval_batches_for(val_windows, t.batch_size, cfg.output.eval_steps)
 
     notes = []
     if t.max_steps:
@@ -127,10 +131,8 @@ def make_plan(cfg, tokenizer, train_records, val_records, source_name):
         "parameters": params,
         "flops_per_token": flops,
         "data": {
-            "source": source_name,
+            **inputs.describe(),
             "tokenizer": tokenizer.describe(),
-            "train_records": len(train_records),
-            "val_records": len(val_records),
             "train_tokens_per_epoch": train_tokens,
             "val_tokens": val_tokens,
             "window": window,
@@ -198,4 +200,15 @@ def format_plan(plan):
             f"d_model {a['d_model']}, {a['num_layers']} layers, {a['num_heads']} heads, d_ff {a['d_ff']}: "
             f"{z['total_params']:,} parameters ({100 * z['deviation']:+.2f}%), d_model/layers {z['aspect_ratio']:.0f}"
         ))
+    if plan.get("peak_flops"):
+        peak = plan["peak_flops"]
+        lines.append(
+            f"MFU peak: {peak['total'] / 1e9:,.0f} GFLOP/s ({peak['source']})" if peak["total"] else f"MFU: {peak['source']}"
+        )
+    if plan.get("resume"):
+        r = plan["resume"]
+        lines.append(
+            f"resume: {r['checkpoint']} at step {r['step']:,} (data window {r['data']['next_window']:,}, "
+            f"epoch {r['data']['epoch']}); {s['total_steps'] - r['step']:,} steps to go"
+        )
     return lines + [f"note: {n}" for n in plan["notes"]]

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from ultimate_trainer import backend as backend_lib
 from ultimate_trainer import config as config_lib
+from ultimate_trainer.checkpoint.resume import check_resumable, find_checkpoint, read_state
 from ultimate_trainer.checkpoint.run_dir import prepare_output_dir
-from ultimate_trainer.data import sources, tokenizers
+from ultimate_trainer.data import shards, sources, tokenizers
+from ultimate_trainer.errors import UserError
 from ultimate_trainer.training.plan import format_plan, make_plan
 
 SAMPLE_PROMPTS = ("The ", "A function ", "In Python, ")
@@ -24,15 +26,26 @@ def say(message):
 def train(cfg):
     """Trains as `cfg` says; returns the process exit code."""
     out = Path(cfg.output.output_dir)
-    prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
+    resume = find_checkpoint(cfg.output.resume_from, out) if cfg.output.resume_from else None
+    # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
+    continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
+    if not continuing:
+        prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
 
-    train_records, val_records, source_name = sources.load_records(cfg.data)
-    tokenizer = tokenizers.make_tokenizer(
-        cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say
-    )
-    plan = make_plan(cfg, tokenizer, train_records, val_records, source_name)
+    tokenizer, inputs = load_inputs(cfg)
+    plan = make_plan(cfg, tokenizer, inputs)
     devices = backend_lib.describe_devices()
     plan["backend"] = devices
+    plan["peak_flops"] = _peak_flops(cfg, devices)
+    if resume is not None:
+        if cfg.model.use_lora:
+            raise UserError(
+                "resuming a LoRA run is not supported yet: its checkpoints hold the adapters merged into the "
+                f"weights; start a new LoRA run with --init-from {resume}"
+            )
+        state = read_state(resume)
+        check_resumable(cfg, resume, state, inputs)
+        plan["resume"] = {"checkpoint": str(resume), "step": state["step"], "data": state["data"]}
 
     if cfg.run.dry_run:
         if cfg.run.json:
@@ -44,13 +57,30 @@ def train(cfg):
             say("dry run: nothing trained")
         return 0
 
-    moved = prepare_output_dir(out, cfg.output.overwrite)
+    moved = None if continuing else prepare_output_dir(out, cfg.output.overwrite)
     say(_backend_line(devices))
     if moved:
         say(f"--overwrite: moved the previous run to {moved}")
     for line in format_plan(plan):
         say(line)
-    return _fit(cfg, plan, tokenizer, train_records, val_records, out, devices)
+    return _fit(cfg, plan, tokenizer, inputs, out, devices, resume)
+
+
+def _peak_flops(cfg, devices):
+    """Peak FLOP/s of all devices the run uses, and where the figure comes from."""
+    from ultimate_trainer.training import mfu
+
+    count = len(devices["device_names"])
+    if cfg.training.peak_flops:
+        return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
+    name = devices["device_names"][0]
+    per_device = mfu.table_peak(name, cfg.optimization.use_mixed_precision)
+    if per_device is not None:
+        return {"total": per_device * count, "per_device": per_device, "source": f"data sheet of {name}"}
+    if backend_lib.accelerator(devices["devices"]) is None:
+        measured = mfu.measure_cpu_peak()
+        return {"total": measured, "per_device": measured, "source": "measured float32 matmul on this CPU"}
+    return {"total": None, "per_device": None, "source": f"unknown device {name!r}; pass --peak-flops for MFU"}
 
 
 def _backend_line(devices):
@@ -61,14 +91,45 @@ def _backend_line(devices):
     )
 
 
-def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
+def load_inputs(cfg):
+    """The run's tokenizer and its input (shards from --data-dir, else streamed text)."""
+    from ultimate_trainer.data.inputs import ShardInputs, StreamInputs
+
+    m = cfg.model
+    if cfg.data.data_dir:
+        meta = shards.read_meta(cfg.data.data_dir)
+        if cfg.tokenizer.tokenizer_path:
+            tokenizer = tokenizers.make_tokenizer(cfg.tokenizer)
+        else:
+            tokenizer = tokenizers.load_tokenizer(cfg.data.data_dir)
+        shards.check_tokenizer(meta, tokenizer, cfg.data.data_dir)
+        return tokenizer, ShardInputs(cfg.data.data_dir, meta, m.seq_len, cfg.loader.stride)
+    train_records, val_records, source_name = sources.load_records(cfg.data)
+    tokenizer = tokenizers.make_tokenizer(
+        cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say
+    )
+    inputs = StreamInputs(
+        train_records, val_records, tokenizer, source_name, m.seq_len, cfg.loader.stride,
+        cfg.loader.shuffle_buffer_size,
+    )
+    return tokenizer, inputs
+
+
+def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     import keras
 
-    from ultimate_trainer.checkpoint.store import init_from, save_checkpoint
-    from ultimate_trainer.data.pipeline import eval_dataset, train_dataset
+    from ultimate_trainer.checkpoint.store import (
+        MODEL_FILE,
+        check_architecture,
+        init_from,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
     from ultimate_trainer.models import lora
     from ultimate_trainer.models.causal_lm import build_causal_lm
     from ultimate_trainer.training import callbacks as cb
+    from ultimate_trainer.training import interrupt
     from ultimate_trainer.training.generation import sample_text
     from ultimate_trainer.training.optimizers import build_optimizer
     from ultimate_trainer.training.schedules import WarmupCosine
@@ -108,47 +169,78 @@ def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
 
-    train_ds = train_dataset(
-        train_records, tokenizer, m.seq_len, t.batch_size, cfg.loader.stride, cfg.loader.shuffle_buffer_size, t.seed
-    )
-    val_ds = eval_dataset(val_records, tokenizer, m.seq_len, t.batch_size)
+    start_step = 0
+    if resume is not None:
+        state = read_state(resume)
+        check_architecture(model, resume, "--resume-from")
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(Path(resume) / MODEL_FILE)  # weights and optimizer slots, iterations included
+        set_rng_state(model, state.get("rng"))
+        start_step = state["step"]
+        say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
+
+    val_ds = inputs.eval_dataset(t.batch_size)
 
     def evaluate():
         return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
 
-    clock = cb.StepClock(
-        s["total_steps"], (o.log_every, o.eval_every, o.save_every), t.gradient_accumulation_steps
-    )
+    accumulation = t.gradient_accumulation_steps
+    clock = cb.StepClock(s["total_steps"], (o.log_every, o.eval_every, o.save_every), accumulation, start_step)
     tokens_per_step = s["tokens_per_step"]
+    saved = {}
 
-    def save(step, name=None):
+    def save(step):
+        if step in saved:
+            return saved[step]
         path = save_checkpoint(
-            model, tokenizer, cfg, out, name or f"checkpoint-{step}",
-            {"step": step, "tokens_seen": step * tokens_per_step}, write_extra,
+            model, tokenizer, cfg, out, f"checkpoint-{step}",
+            {
+                "step": step,
+                "tokens_seen": step * tokens_per_step,
+                # Windows (sequences) drawn from the stream so far, micro-batches included.
+                "data": inputs.state(step * t.batch_size * accumulation, t.seed),
+                "rng": rng_state(model),
+            },
+            write_extra,
         )
+        saved[step] = path
         say(f"saved {path}")
         return path
 
-    initial = cb.run_eval(evaluate, 0, metrics_path, say)
-    logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, metrics_path, say)
-    evaluator = cb.PeriodicEval(clock, o.eval_every, evaluate, metrics_path, say)
+    initial = cb.run_eval(evaluate, start_step, metrics_path, say)
+    logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, metrics_path, say,
+                              flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"])
     callbacks = [
-        cb.StopAtStep(clock),
+        cb.StepCounter(clock),
         logger,
-        evaluator,
+        cb.PeriodicEval(clock, o.eval_every, evaluate, metrics_path, say),
         cb.PeriodicCheckpoint(clock, o.save_every, save),
     ]
-    say(f"training {s['total_steps']:,} steps ({clock.epochs} keras epochs of {clock.epoch_steps} steps)")
+    remaining = s["total_steps"] - start_step
+    say(f"training {remaining:,} steps, {start_step:,} -> {s['total_steps']:,} (Keras epochs of {clock.epoch_steps} steps)")
     start = time.perf_counter()
-    model.fit(
-        train_ds,
-        epochs=clock.epochs,
-        steps_per_epoch=clock.fit_steps_per_epoch,
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a stream
-        verbose=0,
-    )
+    with interrupt.graceful_stop(clock, say):
+        for first_step, epoch_steps, epochs in clock.segments():
+            if clock.interrupted:
+                break
+            # Each fit call reads the stream from exactly where the previous one stopped.
+            train_ds = inputs.train_dataset(t.batch_size, t.seed, start_window=first_step * t.batch_size * accumulation)
+            model.fit(
+                train_ds,
+                epochs=epochs,
+                steps_per_epoch=epoch_steps * accumulation,
+                callbacks=callbacks,
+                shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a stream
+                verbose=0,
+            )
     wall = time.perf_counter() - start
+    if clock.interrupted and not clock.done:
+        checkpoint = save(clock.step)
+        say(
+            f"stopped at step {clock.step:,} of {s['total_steps']:,}; the checkpoint is complete. Resume with the "
+            f"same flags plus: --resume-from {checkpoint}"
+        )
+        return 0
     final = cb.run_eval(evaluate, s["total_steps"], metrics_path, say)
     checkpoint = save(s["total_steps"])
 
@@ -158,14 +250,19 @@ def _fit(cfg, plan, tokenizer, train_records, val_records, out, devices):
     for text in samples:
         say("  " + text.replace("\n", "\n  "))
 
-    trained_tokens = s["total_steps"] * tokens_per_step
+    trained_tokens = (s["total_steps"] - start_step) * tokens_per_step  # in this process
     tokens_per_sec = trained_tokens / max(logger.train_seconds, 1e-9)
     summary = {
         "steps": s["total_steps"],
-        "tokens": trained_tokens,
+        "resumed_from_step": start_step if resume is not None else None,
+        "tokens": s["total_steps"] * tokens_per_step,
         "wall_seconds": wall,
         "train_seconds": logger.train_seconds,
         "tokens_per_sec": tokens_per_sec,
+        "mfu": plan["flops_per_token"] * tokens_per_sec / plan["peak_flops"]["total"]
+        if plan["peak_flops"]["total"]
+        else None,
+        "peak_flops": plan["peak_flops"],
         "initial_val_loss": initial["val_loss"],
         "final_val_loss": final["val_loss"],
         "final_val_perplexity": final["val_perplexity"],
