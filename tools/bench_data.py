@@ -1,0 +1,122 @@
+"""Input throughput: the streaming path and the shard path, in tokens/s, with peak RSS.
+
+Generates a text file of --megabytes of pseudo-English (seeded, so every run
+reads the same bytes), then times batches of [--batch-size, --seq-len] from
+(1) the streaming tf.data pipeline (tokenize in the graph, pack, shuffle) and
+(2) shards made by prepare_shards and read by memmap. Each path runs in its
+own process so its peak RSS is its own. Byte-level tokenizer.
+
+Example:
+    python tools/bench_data.py --megabytes 200
+    python tools/bench_data.py --megabytes 20 --train-tokens-per-sec 450
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORDS = ("the of and to in is was for on that with as by it from at an be this which or are not have "
+         "model data token train layer value function return python class module object list string "
+         "number error file system time state window batch sequence memory device").split()
+
+
+def make_corpus(path, megabytes, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    target = megabytes * 1_000_000
+    with open(path, "w") as f:
+        written = 0
+        while written < target:
+            words = rng.choice(WORDS, size=rng.integers(40, 400))
+            text = " ".join(words) + ".\n\n"
+            f.write(text)
+            written += len(text)
+
+
+def _records(path):
+    return [r for r in Path(path).read_text().split("\n\n") if r]
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_batches(ds, batches):
+    it = iter(ds)
+    next(it)  # graph building and first fill
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return time.perf_counter() - start
+
+
+def _worker(args):
+    from ultimate_trainer.data import pipeline, shards
+    from ultimate_trainer.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    tokens = args.batches * args.batch_size * args.seq_len
+    if args.path_kind == "stream":
+        records = _records(args.corpus)
+        ds = pipeline.train_dataset(records, tok, args.seq_len, args.batch_size, shuffle_buffer_size=10000)
+        seconds = _time_batches(ds, args.batches)
+        result = {"path": "stream", "tokens_per_sec": tokens / seconds}
+    else:
+        directory = Path(args.workdir) / "shards"
+        start = time.perf_counter()
+        records = _records(args.corpus)
+        meta = shards.prepare_shards(directory, tok, {"train": records, "val": records[:10]}, "bench", log=lambda m: None)
+        prepare = time.perf_counter() - start
+        del records
+        store = shards.TokenStore(directory, "train")
+        seconds = _time_batches(shards.shard_train_dataset(store, args.seq_len, args.batch_size), args.batches)
+        result = {"path": "shards", "tokens_per_sec": tokens / seconds,
+                  "prepare_seconds": prepare, "prepare_tokens_per_sec": meta["splits"]["train"]["tokens"] / prepare}
+    result["peak_rss_mb"] = _rss_mb()
+    print(json.dumps(result))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megabytes", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--train-tokens-per-sec", type=float, default=450.0,
+                        help="training speed to compare with (the small preset on this CPU)")
+    parser.add_argument("--worker", choices=["stream", "shards"], dest="path_kind", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.path_kind:
+        return _worker(args)
+    with tempfile.TemporaryDirectory() as workdir:
+        corpus = Path(workdir) / "corpus.txt"
+        make_corpus(corpus, args.megabytes)
+        print(f"corpus: {corpus.stat().st_size / 1e6:,.0f} MB of generated text")
+        for kind in ("stream", "shards"):
+            cmd = [sys.executable, __file__, "--worker", kind, "--corpus", str(corpus), "--workdir", workdir,
+                   "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(f"{kind}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            extra = (f", prepared at {r['prepare_tokens_per_sec']:,.0f} tok/s" if "prepare_seconds" in r else "")
+            print(f"{kind:<7} {r['tokens_per_sec']:>12,.0f} tok/s = {r['tokens_per_sec'] / args.train_tokens_per_sec:,.0f}x "
+                  f"training at {args.train_tokens_per_sec:,.0f} tok/s; peak RSS {r['peak_rss_mb']:,.0f} MB{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
