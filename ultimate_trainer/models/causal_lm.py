@@ -117,6 +117,30 @@ class CausalLM(keras.Model):
         x = self.final_norm(x)
         return ops.cast(self.token_embedding(x, reverse=True), "float32")
 
+    def empty_cache(self, batch_size, max_length=None, dtype="float32"):
+        """A zeroed KV cache: `[batch, layers, 2, max_length, kv_heads, head_dim]`."""
+        kv_heads = self.num_kv_heads or self.num_heads
+        shape = (batch_size, self.num_layers, 2, max_length or self.seq_len, kv_heads, self.d_model // self.num_heads)
+        return ops.zeros(shape, dtype)
+
+    def call_with_cache(self, token_ids, cache, cache_index):
+        """Logits of `token_ids` placed at `cache_index` onwards, and the updated cache.
+
+        Example:
+            cache = model.empty_cache(1)
+            logits, cache = model.call_with_cache(prompt_ids, cache, 0)        # prefill
+            logits, cache = model.call_with_cache(next_id, cache, len(prompt))  # one token
+        """
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, start_index=cache_index)
+        layer_caches = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, cache=cache[:, i], cache_index=cache_index)
+            layer_caches.append(layer_cache)
+        logits = self.token_embedding(self.final_norm(x), reverse=True)
+        return ops.cast(logits, "float32"), ops.stack(layer_caches, axis=1)
+
     def get_config(self):
         config = super().get_config()
         config.update(

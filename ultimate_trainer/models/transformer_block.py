@@ -92,9 +92,13 @@ class TransformerBlock(keras.layers.Layer):
             layer.build(input_shape)
         self.built = True
 
-    def call(self, x, training=None):
-        x = x + self.dropout(self.attention(self.attention_norm(x)), training=training)
-        return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
+    def call(self, x, training=None, cache=None, cache_index=0):
+        if cache is None:
+            x = x + self.dropout(self.attention(self.attention_norm(x)), training=training)
+            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
+        attended, cache = self.attention(self.attention_norm(x), cache=cache, cache_index=cache_index)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
 
     def get_config(self):
         config = super().get_config()
