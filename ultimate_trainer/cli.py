@@ -25,6 +25,7 @@ EPILOG = """\
 commands:
   train (default)   train a model; the flags above
   prepare-data      tokenize the dataset into shards: prepare-data --data-dir DIR [dataset/tokenizer flags]
+  generate          sample text: generate --checkpoint DIR --prompt TEXT; see generate --help
   export            write a checkpoint as a Hugging Face transformers model; see export --help
 examples:
   python -m ultimate_trainer --model-preset nano --dry-run
@@ -114,6 +115,50 @@ def _prepare_data(argv):
     return 0
 
 
+def _generate(argv):
+    """`generate --checkpoint DIR --prompt TEXT`: sample text from a trained model."""
+    import json
+
+    from ultimate_trainer.backend import BACKENDS, select_backend
+
+    parser = _Parser(prog="ultimate-trainer generate", description="Sample text from a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint-<step> directory")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest; 0 for all (default: 40)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (= --temperature 0)")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent samples (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (slower)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else jax)")
+    args = parser.parse_args(argv)
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    select_backend(args.backend)
+    from ultimate_trainer.checkpoint.store import load_model
+    from ultimate_trainer.training.generation import generate
+
+    model, tokenizer = load_model(args.checkpoint)
+    for i in range(args.num_samples):
+        text, stats = generate(
+            model, tokenizer, args.prompt, args.max_new_tokens, 0.0 if args.greedy else args.temperature,
+            args.top_k, args.top_p, args.seed + i, use_cache=not args.no_cache,
+        )
+        if args.json:
+            print(json.dumps({"text": text, **stats}))
+        else:
+            print(text)
+            print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_sec']:.1f} tok/s, "
+                  f"{'KV cache' if stats['cache'] else 'no cache'}]", file=sys.stderr)
+    return 0
+
+
 def _export(argv):
     import json
     from pathlib import Path
@@ -145,7 +190,7 @@ def _export(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "prepare-data": _prepare_data, "export": _export}
+COMMANDS = {"train": _train, "prepare-data": _prepare_data, "generate": _generate, "export": _export}
 
 
 def main(argv=None):

@@ -171,7 +171,8 @@ class RunConfig:
     backend: str = _opt(None, "Keras backend (default: $KERAS_BACKEND, else jax).", type=str, choices=["jax", "torch", "tensorflow"])
     config: str = _opt(None, "YAML recipe; flags on the command line override it.", type=str, metavar="RECIPE.yaml")
     dry_run: bool = _opt(False, "Resolve everything, print the plan and exit without training.")
-    json: bool = _opt(False, "With --dry-run: print the plan as one JSON object.")
+    json: bool = _opt(False, "With --dry-run or --eval-only: print the result as one JSON object.")
+    eval_only: bool = _opt(False, "Evaluate the checkpoint of --init-from (or --resume-from) on the validation data and exit.")
 
 
 # (attribute on Config, argparse group title)
@@ -519,8 +520,10 @@ def validate(cfg):
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
     _validate_data(cfg.data, cfg.explicit, flags)
     _validate_tokenizer(cfg.tokenizer, cfg.explicit, flags)
-    if cfg.run.json and not cfg.run.dry_run:
-        raise UserError("--json only applies to --dry-run; add --dry-run")
+    if cfg.run.json and not (cfg.run.dry_run or cfg.run.eval_only):
+        raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
+    if cfg.run.eval_only and not (m.init_from or o.resume_from):
+        raise UserError("--eval-only needs the checkpoint to evaluate: add --init-from CHECKPOINT")
 
 
 def _validate_data(d, explicit, flags):

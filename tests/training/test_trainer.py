@@ -87,3 +87,37 @@ def test_lora_fine_tune_from_a_checkpoint(tmp_path):
                         str(tmp_path / "x"), "--init-from", str(base / "checkpoint-2")])
     assert mismatch.returncode == 2
     assert "the checkpoint has num_layers=2 but this run builds num_layers=3" in mismatch.stderr
+
+
+def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli([*tiny_model_flags(), "--max-steps", "4", "--eval-every", "2", "--log-every", "2",
+                      "--learning-rate", "3e-3", "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    best = json.loads((out / "best_checkpoint" / "trainer_state.json").read_text())["step"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert best == summary["best_step"] and best in (2, 4)
+    assert not list(out.glob(".best_checkpoint*")), "the superseded best copy is removed"
+
+    evaluated = run_cli([*tiny_model_flags(), "--eval-only", "--json", "--init-from", str(out / "checkpoint-4"),
+                         "--output-dir", str(out)])
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    record = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    _, val = _metrics(out)
+    assert record["val_loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
+
+    blown = tmp_path / "blown"
+    result = run_cli([*tiny_model_flags(), "--max-steps", "30", "--log-every", "5", "--save-every", "5",
+                      "--warmup-steps", "1", "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd",
+                      "--output-dir", str(blown)])
+    assert result.returncode == 3, result.stdout[-1500:]
+    assert "became NaN or infinite after step" in result.stderr and "Traceback" not in result.stderr
+    train, _ = _metrics(blown)
+    assert all(np.isfinite(r["loss"]) for r in train)
+    last_good = train[-1]["step"] if train else 0
+    assert all(int(c.name.split("-")[1]) <= last_good for c in blown.glob("checkpoint-*"))
+
+
+def test_eval_only_needs_a_checkpoint():
+    result = run_cli(["--eval-only", "--dry-run"])
+    assert result.returncode == 2 and "--eval-only needs the checkpoint to evaluate" in result.stderr

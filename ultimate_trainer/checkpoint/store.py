@@ -32,10 +32,13 @@ def architecture(model):
     return {k: v for k, v in model.get_config().items() if k not in FREE_KEYS}
 
 
-def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=None):
+def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=None, replace=False):
     """Writes `output_dir/name/` atomically and returns its path.
 
     `write_extra(tmp_dir)` may add files before the rename (LoRA adapters).
+    An existing `name/` is moved aside, never overwritten in place; with
+    `replace` (the run's own `best_checkpoint/`) the superseded copy is then
+    deleted.
 
     Example:
         save_checkpoint(model, tokenizer, cfg, "out", "checkpoint-100", {"step": 100})
@@ -54,10 +57,16 @@ def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=
     if write_extra is not None:
         write_extra(tmp)
     _fsync_tree(tmp)
+    old = None
     if final.exists():
         # Never overwrite a checkpoint in place: keep the older one beside it.
-        final.rename(output_dir / f".{name}.replaced-{os.getpid()}")
+        old = output_dir / f".{name}.replaced-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
     os.replace(tmp, final)
+    if replace and old is not None:
+        shutil.rmtree(old)
     return final
 
 

@@ -39,6 +39,7 @@ class StepClock:
         self.step = start_step
         self.epoch_steps = max(1, min(math.gcd(*intervals), total_steps))
         self.interrupted = False
+        self.nonfinite_after = None  # last step whose loss was finite, once one was not
 
     def segments(self):
         """[(first_step, steps per Keras epoch, Keras epochs)], one `fit` call each."""
@@ -54,7 +55,9 @@ class StepClock:
     def due(self, every):
         """Whether an `every`-step event falls at the current step (never the final step:
         the trainer handles that one after `fit`)."""
-        return self.step % every == 0 and self.start_step < self.step < self.total_steps
+        return (
+            self.step % every == 0 and self.start_step < self.step < self.total_steps and self.nonfinite_after is None
+        )
 
     @property
     def done(self):
@@ -120,6 +123,11 @@ class MetricsLogger(keras.callbacks.Callback):
         steps = step - self._epoch_first_step
         if not steps:
             return
+        if not math.isfinite(float(logs["loss"])):
+            # The weights are already poisoned: stop before anything saves or evaluates them.
+            self.clock.nonfinite_after = step - steps
+            self.model.stop_training = True
+            return
         self._loss_sum += float(logs["loss"]) * steps
         self._steps += steps
         self._window_seconds += seconds
@@ -154,20 +162,17 @@ class MetricsLogger(keras.callbacks.Callback):
 
 
 class PeriodicEval(keras.callbacks.Callback):
-    """Runs validation every `eval_every` steps; records loss and perplexity."""
+    """Calls `validate(step)` every `eval_every` steps."""
 
-    def __init__(self, clock, eval_every, evaluate, metrics_path, printer=print):
+    def __init__(self, clock, eval_every, validate):
         super().__init__()
         self.clock = clock
         self.eval_every = eval_every
-        self.evaluate = evaluate
-        self.metrics_path = metrics_path
-        self.printer = printer
-        self.history = []
+        self.validate = validate
 
     def on_epoch_end(self, epoch, logs=None):
         if self.clock.due(self.eval_every):
-            self.history.append(run_eval(self.evaluate, self.clock.step, self.metrics_path, self.printer))
+            self.validate(self.clock.step)
 
 
 class PeriodicCheckpoint(keras.callbacks.Callback):

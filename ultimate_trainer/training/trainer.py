@@ -5,6 +5,7 @@ Readable top to bottom, in the order the run happens.
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def train(cfg):
     resume = find_checkpoint(cfg.output.resume_from, out) if cfg.output.resume_from else None
     # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
-    if not continuing:
+    if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
 
     tokenizer, inputs = load_inputs(cfg)
@@ -57,6 +58,8 @@ def train(cfg):
             say("dry run: nothing trained")
         return 0
 
+    if cfg.run.eval_only:
+        return _eval_only(cfg, plan, tokenizer, inputs, resume or cfg.model.init_from)
     moved = None if continuing else prepare_output_dir(out, cfg.output.overwrite)
     say(_backend_line(devices))
     if moved:
@@ -113,6 +116,28 @@ def load_inputs(cfg):
         cfg.loader.shuffle_buffer_size,
     )
     return tokenizer, inputs
+
+
+def _eval_only(cfg, plan, tokenizer, inputs, checkpoint):
+    """`--eval-only`: the validation loss of a checkpoint, nothing written."""
+    import keras
+
+    from ultimate_trainer.checkpoint.store import init_from
+    from ultimate_trainer.models.causal_lm import build_causal_lm
+
+    model = build_causal_lm(cfg.model, tokenizer.vocab_size)
+    init_from(model, checkpoint)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batches = plan["data"]["eval_batches"]
+    loss = float(model.evaluate(inputs.eval_dataset(cfg.training.batch_size), steps=batches, verbose=0,
+                                return_dict=True)["loss"])
+    result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+              "val_tokens": batches * cfg.training.batch_size * cfg.model.seq_len}
+    if cfg.run.json:
+        print(json.dumps(result))
+    else:
+        say(f"eval {checkpoint}: val_loss {loss:.4f} | val_ppl {result['val_perplexity']:.2f} ({batches} batches)")
+    return 0
 
 
 def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
@@ -189,31 +214,40 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     tokens_per_step = s["tokens_per_step"]
     saved = {}
 
+    def _state(step):
+        return {
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            # Windows (sequences) drawn from the stream so far, micro-batches included.
+            "data": inputs.state(step * t.batch_size * accumulation, t.seed),
+            "rng": rng_state(model),
+        }
+
     def save(step):
         if step in saved:
             return saved[step]
-        path = save_checkpoint(
-            model, tokenizer, cfg, out, f"checkpoint-{step}",
-            {
-                "step": step,
-                "tokens_seen": step * tokens_per_step,
-                # Windows (sequences) drawn from the stream so far, micro-batches included.
-                "data": inputs.state(step * t.batch_size * accumulation, t.seed),
-                "rng": rng_state(model),
-            },
-            write_extra,
-        )
+        path = save_checkpoint(model, tokenizer, cfg, out, f"checkpoint-{step}", _state(step), write_extra)
         saved[step] = path
         say(f"saved {path}")
         return path
 
-    initial = cb.run_eval(evaluate, start_step, metrics_path, say)
+    best = {"val_loss": math.inf}
+
+    def validate(step):
+        record = cb.run_eval(evaluate, step, metrics_path, say)
+        if step > start_step and record["val_loss"] < best["val_loss"]:
+            best.update(record)
+            save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra, replace=True)
+            say(f"best validation loss so far: saved {out / 'best_checkpoint'}")
+        return record
+
+    initial = validate(start_step)
     logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, metrics_path, say,
                               flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"])
     callbacks = [
         cb.StepCounter(clock),
         logger,
-        cb.PeriodicEval(clock, o.eval_every, evaluate, metrics_path, say),
+        cb.PeriodicEval(clock, o.eval_every, validate),
         cb.PeriodicCheckpoint(clock, o.save_every, save),
     ]
     remaining = s["total_steps"] - start_step
@@ -241,7 +275,15 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
             f"same flags plus: --resume-from {checkpoint}"
         )
         return 0
-    final = cb.run_eval(evaluate, s["total_steps"], metrics_path, say)
+    if clock.nonfinite_after is not None:
+        good = f"the last good checkpoint is {saved[max(saved)]}" if saved else "no checkpoint was saved before it"
+        print(
+            f"error: the training loss became NaN or infinite after step {clock.nonfinite_after:,}; {good}. "
+            f"Lower --learning-rate, raise --warmup-steps or keep --grad-clip on, then --resume-from that checkpoint",
+            file=sys.stderr,
+        )
+        return 3
+    final = validate(s["total_steps"])
     checkpoint = save(s["total_steps"])
 
     samples = [sample_text(model, tokenizer, p, seed=t.seed + i) for i, p in enumerate(SAMPLE_PROMPTS)]
@@ -268,6 +310,8 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         "final_val_perplexity": final["val_perplexity"],
         "final_train_loss": logger.history[-1]["loss"] if logger.history else None,
         "val_loss_reduction": 1 - final["val_loss"] / initial["val_loss"],
+        "best_val_loss": best["val_loss"],
+        "best_step": best.get("step"),
         "checkpoint": str(checkpoint),
         "parameters": plan["parameters"],
         "architecture": plan["architecture"],
