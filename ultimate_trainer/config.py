@@ -150,6 +150,8 @@ class OutputConfig:
     output_dir: str = _opt("output_ultimate", "Where the run writes checkpoints, logs and its config.")
     log_every: int = _opt(10, "Optimizer steps between progress lines and metrics.jsonl records.")
     save_every: int = _opt(1000, "Optimizer steps between checkpoints.")
+    save_total_limit: int = _opt(None, "Keep only the newest K checkpoint-<step> dirs (milestones, best_checkpoint and final_model are kept).", type=int)
+    milestone_every: int = _opt(None, "Optimizer steps between milestone-<step> checkpoints, which are never deleted.", type=int)
     eval_every: int = _opt(500, "Optimizer steps between validation passes.")
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest checkpoint) or `latest` (newest in --output-dir); s3:// gs:// az:// URIs come with issue #6.", type=str)
@@ -508,6 +510,8 @@ def validate(cfg):
             "(make it with `ultimate-trainer prepare-data --data-dir DIR`)"
         )
 
+    _positive(o.save_total_limit, flags["save_total_limit"], allow_none=True)
+    _positive(o.milestone_every, flags["milestone_every"], allow_none=True)
     for name in ("log_every", "save_every", "eval_every"):
         _positive(getattr(o, name), flags[name])
     _positive(o.eval_steps, flags["eval_steps"], allow_none=True)

@@ -121,3 +121,14 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
 def test_eval_only_needs_a_checkpoint():
     result = run_cli(["--eval-only", "--dry-run"])
     assert result.returncode == 2 and "--eval-only needs the checkpoint to evaluate" in result.stderr
+
+
+def test_retention_milestones_and_final_model(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli([*tiny_model_flags(), "--max-steps", "8", "--save-every", "2", "--save-total-limit", "2",
+                      "--milestone-every", "4", "--log-every", "2", "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-4", "milestone-8"]
+    assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-8" / "model.keras")
+    assert "--save-total-limit 2: removed" in result.stdout

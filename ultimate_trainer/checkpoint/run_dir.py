@@ -6,7 +6,7 @@ from pathlib import Path
 from ultimate_trainer.errors import UserError
 
 RUN_FILES = ("training_args.json", "metrics.jsonl", "training_summary.json", "samples.txt")
-RUN_DIR_PATTERNS = ("checkpoint-*", "final_model", "best_checkpoint")
+RUN_DIR_PATTERNS = ("checkpoint-*", "milestone-*", "final_model", "best_checkpoint")
 PREVIOUS_RUNS = "previous-runs"
 
 

@@ -27,6 +27,40 @@ def _fsync_tree(directory):
                 os.fsync(f.fileno())
 
 
+def link_copy(source, destination):
+    """Copies a checkpoint dir as hard links (no second copy of the weights on disk), atomically."""
+    source, destination = Path(source), Path(destination)
+    tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp, copy_function=os.link)
+    if destination.exists():
+        old = destination.with_name(f".{destination.name}.replaced-{os.getpid()}")
+        destination.rename(old)
+        os.replace(tmp, destination)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, destination)
+    return destination
+
+
+def prune_checkpoints(output_dir, keep, protect=()):
+    """Deletes the oldest complete `checkpoint-<step>` dirs beyond the newest `keep`.
+
+    Only this run's regular checkpoints are candidates: milestones,
+    `best_checkpoint/`, `final_model/` and the paths in `protect` are never
+    touched. Returns the deleted paths.
+    """
+    from ultimate_trainer.checkpoint.resume import checkpoints_in
+
+    protected = {Path(p).resolve() for p in protect}
+    candidates = [p for p in checkpoints_in(output_dir) if p.resolve() not in protected]
+    doomed = candidates[: max(0, len(candidates) - keep)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 def architecture(model):
     """The part of a model's config that fixes its weights."""
     return {k: v for k, v in model.get_config().items() if k not in FREE_KEYS}

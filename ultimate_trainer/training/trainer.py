@@ -147,6 +147,8 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         MODEL_FILE,
         check_architecture,
         init_from,
+        link_copy,
+        prune_checkpoints,
         rng_state,
         save_checkpoint,
         set_rng_state,
@@ -210,7 +212,8 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
 
     accumulation = t.gradient_accumulation_steps
-    clock = cb.StepClock(s["total_steps"], (o.log_every, o.eval_every, o.save_every), accumulation, start_step)
+    intervals = (o.log_every, o.eval_every, o.save_every) + ((o.milestone_every,) if o.milestone_every else ())
+    clock = cb.StepClock(s["total_steps"], intervals, accumulation, start_step)
     tokens_per_step = s["tokens_per_step"]
     saved = {}
 
@@ -229,7 +232,16 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         path = save_checkpoint(model, tokenizer, cfg, out, f"checkpoint-{step}", _state(step), write_extra)
         saved[step] = path
         say(f"saved {path}")
+        if o.save_total_limit:
+            for gone in prune_checkpoints(out, o.save_total_limit, protect=[resume] if resume else []):
+                for key in [k for k, v in saved.items() if v == gone]:
+                    del saved[key]
+                say(f"--save-total-limit {o.save_total_limit}: removed {gone}")
         return path
+
+    def save_milestone(step):
+        path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
+        say(f"saved milestone {path}")
 
     best = {"val_loss": math.inf}
 
@@ -249,6 +261,7 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         logger,
         cb.PeriodicEval(clock, o.eval_every, validate),
         cb.PeriodicCheckpoint(clock, o.save_every, save),
+        *([cb.PeriodicCheckpoint(clock, o.milestone_every, save_milestone)] if o.milestone_every else []),
     ]
     remaining = s["total_steps"] - start_step
     say(f"training {remaining:,} steps, {start_step:,} -> {s['total_steps']:,} (Keras epochs of {clock.epoch_steps} steps)")
@@ -285,6 +298,10 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         return 3
     final = validate(s["total_steps"])
     checkpoint = save(s["total_steps"])
+    if o.milestone_every and s["total_steps"] % o.milestone_every == 0:
+        save_milestone(s["total_steps"])
+    final_model = link_copy(checkpoint, out / "final_model")
+    say(f"final model: {final_model}")
 
     samples = [sample_text(model, tokenizer, p, seed=t.seed + i) for i, p in enumerate(SAMPLE_PROMPTS)]
     (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
