@@ -86,6 +86,8 @@ def parse_config(argv):
 
 def _train(argv):
     cfg = parse_config(argv)
+    if "loader.shard_tokens" in cfg.explicit:
+        raise UserError("--shard-tokens only applies to `prepare-data`; drop it from a training run")
     from ultimate_trainer.backend import select_backend
 
     select_backend(cfg.run.backend)

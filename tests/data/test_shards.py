@@ -164,3 +164,9 @@ def test_source_flags_are_refused_with_data_dir(tmp_path, flag):
 
     with pytest.raises(UserError, match="does not apply with --data-dir"):
         resolve_config(vars(build_parser().parse_args(["--data-dir", str(tmp_path), *flag])))
+
+
+def test_shard_tokens_is_refused_in_a_training_run():
+    from ultimate_trainer.cli import main
+
+    assert main(["--shard-tokens", "1000", "--dry-run"]) == 2
