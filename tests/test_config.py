@@ -169,3 +169,11 @@ def test_recipe_choice_values_are_checked(tmp_path):
     recipe.write_text("tokenizer:\n  tokenizer: sentencepiece\n  tokenizer_model: wordpiece\n")
     with pytest.raises(UserError, match="--tokenizer-model 'wordpiece' is not one of bpe, unigram"):
         resolve_config({"run.config": str(recipe)})
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path):
+    with pytest.raises(UserError, match="--weight-decay applies to --optimizer adamw only, not sgd"):
+        resolve_config({"training.optimizer": "sgd", "training.weight_decay": 0.1})
+    assert resolve_config({"training.optimizer": "sgd"}).training.optimizer == "sgd"
+    with pytest.raises(UserError, match="--shuffle-buffer-size applies to streaming"):
+        resolve_config({"data.data_dir": str(tmp_path), "loader.shuffle_buffer_size": 100})

@@ -471,6 +471,8 @@ def validate(cfg):
     _positive(t.total_tokens, flags["total_tokens"], allow_none=True)
     if t.max_steps is not None and t.total_tokens is not None:
         raise UserError("--max-steps and --total-tokens both set the run length; pass only one")
+    if t.optimizer != "adamw" and "training.weight_decay" in cfg.explicit and t.weight_decay:
+        raise UserError(f"--weight-decay applies to --optimizer adamw only, not {t.optimizer}; drop one of them")
     for name in ("weight_decay", "warmup_steps", "grad_clip"):
         if getattr(t, name) < 0:
             raise UserError(f"{flags[name]} must be zero or positive, got {getattr(t, name)}")
@@ -489,6 +491,10 @@ def validate(cfg):
     if cfg.data.data_dir is not None:
         if loader.tokenize_on_fly:
             raise UserError("--tokenize-on-fly streams from the sources, --data-dir reads shards; pass only one")
+        if "loader.shuffle_buffer_size" in cfg.explicit:
+            raise UserError(
+                "--shuffle-buffer-size applies to streaming; shards (--data-dir) are shuffled over the whole epoch"
+            )
         source_flags = [
             k for k in cfg.explicit
             if k.startswith(("data.", "tokenizer.")) and k not in ("data.data_dir", "tokenizer.tokenizer_path")
