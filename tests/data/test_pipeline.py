@@ -102,3 +102,44 @@ def test_each_epoch_holds_every_window_once():
     for epoch in range(2):
         assert sorted(map(tuple, rows[epoch * per_epoch : (epoch + 1) * per_epoch])) == expected
     assert not np.array_equal(rows[:per_epoch], rows[per_epoch:]), "each epoch has its own order"
+
+
+class _Reread:
+    """A re-iterable source like `sources.Records`: no list, a fresh pass each time."""
+
+    def __init__(self, records):
+        self.records, self.passes = records, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.records)
+
+
+@pytest.mark.parametrize("shuffle_buffer_size", [7, 10000])
+def test_a_reread_source_streams_exactly_like_a_list_and_resumes(shuffle_buffer_size):
+    records = [f"doc {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(600)]  # > one generator chunk
+    source = _Reread(records)
+    assert count_stream_tokens(source, TOK) == sum(len(t.encode()) + 1 for t in records)
+    args = dict(tokenizer=TOK, seq_len=8, batch_size=3, stride=2, shuffle_buffer_size=shuffle_buffer_size, seed=5)
+    from_list = np.concatenate(_batches(train_dataset(records, **args), 40))
+    np.testing.assert_array_equal(np.concatenate(_batches(train_dataset(source, **args), 40)), from_list)
+    resumed = np.concatenate(_batches(train_dataset(source, **args, start_window=30), 10))
+    np.testing.assert_array_equal(resumed, from_list[30:60])
+    evaluated = np.concatenate([np.concatenate([x, y[:, -1:]], 1) for x, y in eval_dataset(source, TOK, 8, 4)])
+    np.testing.assert_array_equal(evaluated, reference_windows(records, 9, 9))
+    assert source.passes >= 4  # read again, never held
+
+
+def test_sentencepiece_streams_survive_reseeding_after_counting(tmp_path):
+    import keras
+
+    from ultimate_trainer.data.tokenizers import SentencePieceTokenizer
+
+    records = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(300)]
+    tok = SentencePieceTokenizer.train(records, vocab_size=320)
+    source = _Reread(records)
+    expected = sum(len(tok.encode(t)) + 1 for t in records)
+    assert count_stream_tokens(source, tok) == expected
+    keras.utils.set_random_seed(0)  # clears TF's kernel cache, as the trainer does after counting
+    x, _ = next(iter(eval_dataset(source, tok, 8, 2)))
+    np.testing.assert_array_equal(x.numpy()[0], (tok.encode(records[0]) + [tok.eos_id])[:8])

@@ -171,6 +171,26 @@ def test_lazy_reading_holds_one_record_at_a_time(tmp_path):
     assert peak < 1_000_000, peak
 
 
+def test_open_records_rereads_the_source_on_every_pass(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(400)))
+    cfg = _cfg(data_files=str(path), max_train_examples=300)
+    train, val, _ = sources.open_records(cfg)
+    assert not isinstance(train, list) and len(train) == 300
+    assert list(train) == list(train) == list(sources.iter_records(cfg, "train"))
+    assert list(val) == list(sources.iter_records(cfg, "validation")) and len(val) == len(list(val))
+    path.write_text(json.dumps({"text": "changed"}) + "\n")
+    assert list(train) == ["changed"]  # nothing was kept in memory
+
+
+def test_open_records_moves_one_record_to_an_empty_validation_side(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(5)))
+    train, val, _ = sources.open_records(_cfg(data_files=str(path), val_fraction=1e-9))
+    assert list(train) == [f"record {i}" for i in range(4)] and len(train) == 4
+    assert list(val) == ["record 4"] and len(val) == 1
+
+
 def test_max_examples_with_files_stop_reading_early(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(1000)) + "{broken\n")

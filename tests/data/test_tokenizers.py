@@ -185,6 +185,16 @@ def test_auto_vocab_size_follows_its_rule(corpus):
     assert len(logged) == len(sizes) and report["heldout_bytes"] > 10_000
 
 
+def test_a_default_vocab_size_the_text_cannot_support_shrinks_but_a_chosen_one_does_not(corpus):
+    cfg = TokenizerConfig(tokenizer="sentencepiece", vocab_size=50000, tokenizer_model="unigram")
+    with pytest.raises(tokenizers.VocabTooLarge):
+        tokenizers.make_tokenizer(cfg, corpus[0][:5], log=lambda line: None)
+    logged = []
+    tok = tokenizers.make_tokenizer(cfg, corpus[0][:5], log=logged.append, vocab_size_given=False)
+    assert 300 < tok.vocab_size < 50000
+    assert f"the default --vocab-size 50,000 is more than this text supports; training {tok.vocab_size:,} pieces" in logged[0]
+
+
 def test_auto_vocab_size_stops_at_what_the_text_supports(corpus):
     tok, report = tokenizers.choose_vocab_size(corpus[0][:3], corpus[1][:3], 400, 100_000, model_type="unigram")
     assert report["chosen"] < 100_000 and tok.vocab_size == report["chosen"]

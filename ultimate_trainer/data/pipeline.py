@@ -35,12 +35,40 @@ def windows_in(num_tokens, window, step):
 
 
 def count_stream_tokens(records, tokenizer):
-    """Tokens in one pass over `records`, one EOS after each document."""
-    return sum(tokenizer.count_tokens(text) + 1 for text in records)
+    """Tokens in one pass over `records`, one EOS after each document.
+
+    Counted by the same parallel in-graph tokenizer that feeds training, so
+    the count is the stream's, and a large corpus is counted on every core.
+    """
+    sizes = _tokenize(_records_dataset(records), tokenizer).map(lambda t: tf.size(t, tf.int64))
+    return int(sizes.reduce(tf.constant(0, tf.int64), lambda total, n: total + n))
+
+
+# Records cross from Python into the graph in chunks: one generator call per
+# record costs more than tokenizing it.
+_CHUNK = 256
+
+
+def _chunks(records):
+    chunk = []
+    for text in records:
+        chunk.append(text)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _records_dataset(records):
-    return tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string))
+    """A dataset of the records' strings; a list is embedded, anything else
+    (`sources.Records`) is iterated afresh by each pass, so memory stays flat."""
+    if isinstance(records, (list, tuple)):
+        return tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string))
+    chunks = tf.data.Dataset.from_generator(
+        lambda: _chunks(records), output_signature=tf.TensorSpec([None], tf.string)
+    )
+    return chunks.unbatch()
 
 
 def _tokenize(text_ds, tokenizer):

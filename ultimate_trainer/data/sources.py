@@ -500,37 +500,82 @@ def iter_records(data_cfg, split=TRAIN, stats=None):
     return itertools.islice(records, limit)
 
 
-def load_records(data_cfg):
-    """Returns `(train_records, val_records, description)` for a run, as lists of str.
+class Records:
+    """One side of a run's records, read from the source again on every pass.
 
-    Without `--val-split` one pass over the source fills both sides and stops
-    once every capped side is full. If the hash leaves validation empty, the
-    last training record moves there (tiny data). Raises `UserError` when the
-    source holds no text or a side ends up empty.
+    A list would hold the whole corpus in memory (and the pipeline would copy
+    it once more into a tf.string tensor); re-reading keeps memory flat at any
+    size. `open_records` scans each side once, so `len()` is known up front.
+
+    Example:
+        train, val, name = open_records(cfg.data)
+        print(len(train), next(iter(train))[:40])
+    """
+
+    def __init__(self, data_cfg, split, count, limit=None, extra=()):
+        self.data_cfg, self.split, self.count = data_cfg, split, count
+        self.limit, self.extra = limit, list(extra)
+
+    def __iter__(self):
+        source = () if self.limit == 0 else iter_records(self.data_cfg, self.split)
+        yield from itertools.islice(source, self.limit)
+        yield from self.extra
+
+    def __len__(self):
+        return self.count
+
+
+def _scan(data_cfg, stats):
+    """One pass over the source: (train count, val count, last training record)."""
+    d = data_cfg
+    if d.val_split:
+        n_train = last = None
+        for n_train, last in enumerate(iter_records(d, TRAIN, stats), 1):
+            pass
+        n_val = sum(1 for _ in iter_records(d, VALIDATION, stats))
+        return n_train or 0, n_val, last
+    counts, last = [0, 0], None
+    caps = (d.max_train_examples, d.max_val_examples)
+    for text in _split_records(d, d.split if d.dataset_id else TRAIN, stats):
+        side = int(is_validation(text, d.val_fraction))
+        if caps[side] is None or counts[side] < caps[side]:
+            counts[side] += 1
+            if side == 0:
+                last = text
+        if all(cap is not None and n >= cap for n, cap in zip(counts, caps)):
+            break
+    return counts[0], counts[1], last
+
+
+def open_records(data_cfg):
+    """Returns `(train, val, description)` for a run, each side a re-readable `Records`.
+
+    One scan counts both sides (and stops once every capped side is full). If
+    the hash leaves validation empty, the last training record moves there
+    (tiny data). Raises `UserError` when the source holds no text or a side
+    ends up empty.
     """
     d = data_cfg
     stats = ReadStats()
     description = describe(d)
-    if d.val_split:
-        train = list(iter_records(d, TRAIN, stats))
-        val = list(iter_records(d, VALIDATION, stats))
-    else:
-        train, val = [], []
-        caps = ((train, d.max_train_examples), (val, d.max_val_examples))
-        for text in _split_records(d, d.split if d.dataset_id else TRAIN, stats):
-            side, cap = caps[is_validation(text, d.val_fraction)]
-            if cap is None or len(side) < cap:
-                side.append(text)
-            if all(cap is not None and len(side) >= cap for side, cap in caps):
-                break
-        if not val and len(train) > 1:
-            val.append(train.pop())
+    n_train, n_val, last = _scan(d, stats)
     if stats.note():
         description += f"; {stats.note()}"
-    if not train and not val:
+    if not n_train and not n_val:
         raise UserError(f"{description}: holds no text; check the files and --text-column {d.text_column}")
-    if not train:
+    train = Records(d, TRAIN, n_train, d.max_train_examples)
+    val = Records(d, VALIDATION, n_val, d.max_val_examples)
+    if not n_val and n_train > 1:
+        train = Records(d, TRAIN, n_train - 1, n_train - 1)
+        val = Records(d, VALIDATION, 1, 0, extra=[last])
+    if not len(train):
         raise UserError(f"{description}: the training data is empty; check --max-train-examples and --split")
-    if not val:
+    if not len(val):
         raise UserError(f"{description}: the validation data is empty; raise --val-fraction or --max-val-examples, or check --val-split")
     return train, val, description
+
+
+def load_records(data_cfg):
+    """`open_records` with both sides read into lists of str (for small data and tests)."""
+    train, val, description = open_records(data_cfg)
+    return list(train), list(val), description

@@ -214,11 +214,13 @@ class SentencePieceTokenizer(_Tokenizer):
         """Encodes one scalar tf.string inside a tf.data map (tensorflow_text); returns int32 ids."""
         import tensorflow as tf
 
-        if self._tf_tokenizer is None:
-            import tensorflow_text
+        import tensorflow_text
 
-            with tf.init_scope():  # a resource made once, eagerly, even when first called while tracing
-                self._tf_tokenizer = tensorflow_text.SentencepieceTokenizer(model=self.model_proto, out_type=tf.int32)
+        # A fresh op per traced map: tensorflow_text's model resource belongs to
+        # an eager kernel, and `tf.random.set_seed` (keras.utils.set_random_seed)
+        # clears the kernel cache, which would free a resource made earlier.
+        with tf.init_scope():
+            self._tf_tokenizer = tensorflow_text.SentencepieceTokenizer(model=self.model_proto, out_type=tf.int32)
         return self._tf_tokenizer.tokenize(text)
 
     def count_tokens(self, text):
@@ -580,7 +582,7 @@ def _stderr(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_dir=None, log=None):
+def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_dir=None, log=None, vocab_size_given=True):
     """The tokenizer a run asks for.
 
     - `--tokenizer-path`: loaded from there; nothing is trained.
@@ -589,7 +591,10 @@ def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_d
       the same `training_settings` (unless `--retrain-tokenizer`); otherwise
       trained on the first `--tokenizer-train-examples` of `train_records`,
       at `--vocab-size` or, with `--auto-vocab-size`, at the size
-      `choose_vocab_size` picks by measuring on `heldout_records`.
+      `choose_vocab_size` picks by measuring on `heldout_records`. When the
+      size is the default (`vocab_size_given` False) and the text supports
+      fewer pieces, the largest size it supports is trained, with a notice;
+      a size the user asked for is never changed.
 
     The records may be lists or lazy iterables (`sources.iter_records`);
     only what is needed is read. `log(line)` reports what happened (default:
@@ -641,7 +646,7 @@ def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_d
         tokenizer, report = choose_vocab_size(texts, heldout_records, t.min_vocab_size, t.max_vocab_size, t.tokenizer_model, log)
         log(f"auto vocab: chose {report['chosen']:,}: {report['reason']}")
     else:
-        tokenizer, report = SentencePieceTokenizer.train(texts, t.vocab_size, t.tokenizer_model), None
+        tokenizer, report = _train_at(texts, t, vocab_size_given, log), None
     seconds = time.perf_counter() - start
     tokenizer.origin = {
         "settings": settings,
@@ -655,3 +660,17 @@ def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_d
         f"records ({size_bytes:,} bytes) in {seconds:.1f}s"
     )
     return tokenizer
+
+
+def _train_at(texts, tokenizer_cfg, vocab_size_given, log):
+    t = tokenizer_cfg
+    try:
+        return SentencePieceTokenizer.train(texts, t.vocab_size, t.tokenizer_model)
+    except VocabTooLarge as e:
+        if vocab_size_given or not e.max_size:
+            raise
+        log(
+            f"tokenizer: the default --vocab-size {t.vocab_size:,} is more than this text supports; training "
+            f"{e.max_size:,} pieces, the most it does (pass --vocab-size to choose)"
+        )
+        return SentencePieceTokenizer.train(texts, e.max_size, t.tokenizer_model)
