@@ -16,11 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(args, cwd=None, backend=None, timeout=600):
+def run_cli(args, cwd=None, backend=None, timeout=600, env=None):
     """Runs `python -m ultimate_trainer ARGS` in a subprocess; returns CompletedProcess."""
     import subprocess
 
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env["KERAS_BACKEND"] = backend or env["KERAS_BACKEND"]
     return subprocess.run(
         [sys.executable, "-m", "ultimate_trainer", *args],

@@ -177,3 +177,14 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path):
     assert resolve_config({"training.optimizer": "sgd"}).training.optimizer == "sgd"
     with pytest.raises(UserError, match="--shuffle-buffer-size applies to streaming"):
         resolve_config({"data.data_dir": str(tmp_path), "loader.shuffle_buffer_size": 100})
+
+
+def test_wandb_flags_are_checked(monkeypatch):
+    with pytest.raises(UserError, match="--wandb-run-name names a W&B run; add --wandb-project PROJECT"):
+        resolve_config({"output.wandb_run_name": "r1"})
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match="--wandb-project demo needs the wandb package; pip install wandb"):
+        resolve_config({"output.wandb_project": "demo"})

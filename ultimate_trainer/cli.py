@@ -109,8 +109,9 @@ def _prepare_data(argv):
     select_backend(cfg.run.backend)
     from ultimate_trainer.data import shards, sources, tokenizers
 
-    train, val, source = sources.load_records(cfg.data)
-    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, train, val, log=print)
+    train, val, source = sources.open_records(cfg.data)
+    tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, train, val, log=print,
+                                          vocab_size_given="tokenizer.vocab_size" in cfg.explicit)
     shards.prepare_shards(destination, tokenizer, {"train": train, "val": val}, source,
                           shard_tokens=cfg.loader.shard_tokens)
     print(f"prepared {destination}; train with --data-dir {destination}")

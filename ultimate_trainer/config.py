@@ -16,6 +16,7 @@ Example:
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -123,6 +124,7 @@ class TrainingConfig:
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms, biases or embeddings).")
     warmup_steps: int = _opt(500, "Linear warmup steps (capped at 10%% of the run when the run is shorter).")
     grad_clip: float = _opt(1.0, "Global gradient-norm clip; 0 disables it.")
+    skip_nonfinite: int = _opt(0, "Skip up to N updates whose gradients are NaN or inf (the weights stay as they were); 0 stops at the first.")
     max_steps: int = _opt(None, "Stop after this many optimizer steps.", type=int)
     total_tokens: int = _opt(None, "Train on this many tokens (e.g. 2.4B); sets the step count.", type=count)
     lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
@@ -156,6 +158,9 @@ class OutputConfig:
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest checkpoint) or `latest` (newest in --output-dir); s3:// gs:// az:// URIs come with issue #6.", type=str)
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
+    tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
+    wandb_project: str = _opt(None, "Log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works without network).", type=str)
+    wandb_run_name: str = _opt(None, "W&B run name (default: the output dir's name).", type=str)
 
 
 @dataclasses.dataclass
@@ -473,7 +478,7 @@ def validate(cfg):
         raise UserError("--max-steps and --total-tokens both set the run length; pass only one")
     if t.optimizer != "adamw" and "training.weight_decay" in cfg.explicit and t.weight_decay:
         raise UserError(f"--weight-decay applies to --optimizer adamw only, not {t.optimizer}; drop one of them")
-    for name in ("weight_decay", "warmup_steps", "grad_clip"):
+    for name in ("weight_decay", "warmup_steps", "grad_clip", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise UserError(f"{flags[name]} must be zero or positive, got {getattr(t, name)}")
     if t.lr_end is not None and not 0 <= t.lr_end <= t.learning_rate:
@@ -481,6 +486,12 @@ def validate(cfg):
             f"--lr-end {t.lr_end} must lie between 0 and --learning-rate {t.learning_rate}"
         )
 
+    if cfg.output.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError(
+            f"--wandb-project {cfg.output.wandb_project} needs the wandb package; pip install wandb, or drop the flag"
+        )
+    if cfg.output.wandb_run_name and not cfg.output.wandb_project:
+        raise UserError("--wandb-run-name names a W&B run; add --wandb-project PROJECT")
     loader = cfg.loader
     _positive(loader.shuffle_buffer_size, flags["shuffle_buffer_size"])
     if loader.stride is not None and not 0 <= loader.stride < m.seq_len:

@@ -13,13 +13,37 @@ def _metrics(out):
     return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
 
 
+def _tensorboard_scalars(directory):
+    """{tag: [(step, value)]} read back from the event files, with tensorflow's own parser."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                found.setdefault(value.tag, []).append((event.step, number))
+    return found
+
+
 def test_run_writes_every_artifact_and_loads_back(tmp_path):
     out = tmp_path / "run"
     result = run_cli([*tiny_model_flags(), "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
-                      "--save-every", "4", "--output-dir", str(out)])
+                      "--save-every", "4", "--output-dir", str(out), "--wandb-project", "ut-tests"],
+                     env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("training_args.json", "ut_tokenizer.json", "metrics.jsonl", "training_summary.json", "samples.txt"):
+    for name in ("training_args.json", "ut_tokenizer.json", "metrics.jsonl", "training_summary.json", "samples.txt",
+                 "loss_curve.png"):
         assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6] and [s for s, _ in scalars["val/loss"]] == [0, 3, 6]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in logged if "loss" in r])
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec", "val/perplexity"} <= set(scalars)
+    offline = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb")), "W&B wrote its offline run"
     assert (out / "checkpoint-4" / "model.keras").is_file()
     assert (out / "checkpoint-6" / "model.keras").is_file()
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
@@ -116,6 +140,16 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in train)
     last_good = train[-1]["step"] if train else 0
     assert all(int(c.name.split("-")[1]) <= last_good for c in blown.glob("checkpoint-*"))
+
+    skipping = run_cli([*tiny_model_flags(), "--max-steps", "30", "--log-every", "1", "--warmup-steps", "1",
+                        "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd", "--skip-nonfinite", "3",
+                        "--output-dir", str(tmp_path / "skipping")])
+    assert skipping.returncode == 3, skipping.stdout[-1500:]
+    assert "with NaN or inf gradients" in skipping.stdout and "of --skip-nonfinite 3 used" in skipping.stdout
+    assert "(more than --skip-nonfinite 3 updates)" in skipping.stderr
+    train, _ = _metrics(tmp_path / "skipping")
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"] or 0) for r in train)
+    assert max(r["skipped_updates"] for r in train) <= 3
 
 
 def test_eval_only_needs_a_checkpoint():

@@ -86,19 +86,24 @@ class MetricsLogger(keras.callbacks.Callback):
     """Prints a progress line and appends to metrics.jsonl every `log_every` steps.
 
     The logged loss is the mean per-token loss over the steps since the last
-    line (with accumulation, over every micro-batch of those steps).
+    line (with accumulation, over every micro-batch of those steps); the
+    gradient norm is the mean global norm of those steps' updates (before
+    clipping). It stops `fit` when more than `skip_nonfinite` updates had
+    NaN or inf gradients, or the loss is not finite.
     """
 
-    def __init__(self, clock, log_every, tokens_per_step, schedule, metrics_path, printer=print,
-                 flops_per_token=None, peak_flops=None):
+    def __init__(self, clock, log_every, tokens_per_step, schedule, sink, printer=print,
+                 flops_per_token=None, peak_flops=None, skip_nonfinite=0):
         super().__init__()
+        self.skip_nonfinite = skip_nonfinite
+        self._nonfinite_seen = 0
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.clock = clock
         self.log_every = log_every
         self.tokens_per_step = tokens_per_step
         self.schedule = schedule
-        self.metrics_path = metrics_path
+        self.sink = sink  # a reporting.MetricsSink
         self.printer = printer
         self.history = []
         self._loss_sum = 0.0
@@ -123,11 +128,19 @@ class MetricsLogger(keras.callbacks.Callback):
         steps = step - self._epoch_first_step
         if not steps:
             return
-        if not math.isfinite(float(logs["loss"])):
-            # The weights are already poisoned: stop before anything saves or evaluates them.
+        optimizer = self.model.optimizer
+        nonfinite = optimizer.nonfinite_count if hasattr(optimizer, "nonfinite_count") else 0
+        if nonfinite > self.skip_nonfinite or not math.isfinite(float(logs["loss"])):
+            # Without a skip the weights are already poisoned: stop before anything saves or evaluates them.
             self.clock.nonfinite_after = step - steps
             self.model.stop_training = True
             return
+        if nonfinite > self._nonfinite_seen:
+            self.printer(
+                f"step {step}: skipped {nonfinite - self._nonfinite_seen} update(s) with NaN or inf gradients "
+                f"({nonfinite} of --skip-nonfinite {self.skip_nonfinite} used); the weights kept their values"
+            )
+            self._nonfinite_seen = nonfinite
         self._loss_sum += float(logs["loss"]) * steps
         self._steps += steps
         self._window_seconds += seconds
@@ -141,16 +154,20 @@ class MetricsLogger(keras.callbacks.Callback):
             "step": step,
             "loss": loss,
             "lr": float(self.schedule(step - 1)),
+            "grad_norm": optimizer.pop_grad_norm() if hasattr(optimizer, "pop_grad_norm") else None,
+            "skipped_updates": nonfinite,
             "tokens": step * self.tokens_per_step,
             "tokens_per_sec": tokens_per_sec,
             "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None,
             "elapsed_sec": time.perf_counter() - self._run_start,
         }
         self.history.append(record)
-        append_jsonl(self.metrics_path, record)
+        self.sink.write(record)
         self.printer(
             f"step {step:>{len(str(self.clock.total_steps))}}/{self.clock.total_steps} | "
-            f"loss {loss:.4f} | lr {record['lr']:.2e} | {tokens_per_sec:,.0f} tok/s | "
+            f"loss {loss:.4f} | lr {record['lr']:.2e} | "
+            + (f"grad-norm {record['grad_norm']:.3f} | " if record["grad_norm"] is not None else "")
+            + f"{tokens_per_sec:,.0f} tok/s | "
             + (f"MFU {100 * record['mfu']:.1f}% | " if record["mfu"] is not None else "")
             + f"eta {format_seconds(remaining)}"
         )
@@ -189,18 +206,13 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
             self.save(self.clock.step)
 
 
-def run_eval(evaluate, step, metrics_path, printer=print):
+def run_eval(evaluate, step, sink, printer=print):
     """Evaluates, logs one line and one metrics.jsonl record, returns the record."""
     loss = float(evaluate())
     record = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
-    append_jsonl(metrics_path, record)
+    sink.write(record)
     printer(f"eval step {step} | val_loss {loss:.4f} | val_ppl {record['val_perplexity']:.2f}")
     return record
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def format_seconds(seconds):

@@ -107,9 +107,10 @@ def load_inputs(cfg):
             tokenizer = tokenizers.load_tokenizer(cfg.data.data_dir)
         shards.check_tokenizer(meta, tokenizer, cfg.data.data_dir)
         return tokenizer, ShardInputs(cfg.data.data_dir, meta, m.seq_len, cfg.loader.stride)
-    train_records, val_records, source_name = sources.load_records(cfg.data)
+    train_records, val_records, source_name = sources.open_records(cfg.data)
     tokenizer = tokenizers.make_tokenizer(
-        cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say
+        cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say,
+        vocab_size_given="tokenizer.vocab_size" in cfg.explicit,
     )
     inputs = StreamInputs(
         train_records, val_records, tokenizer, source_name, m.seq_len, cfg.loader.stride,
@@ -141,6 +142,21 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint):
 
 
 def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
+    from ultimate_trainer.training import reporting
+
+    o = cfg.output
+    sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
+    try:
+        return _fit_with(sink, cfg, plan, tokenizer, inputs, out, devices, resume)
+    finally:
+        sink.close()
+        # Drawn on every way out (done, interrupted, stopped on NaN): the curve so far.
+        curve = reporting.plot_loss_curve(sink.path, out / reporting.LOSS_CURVE_FILE, title=str(out))
+        if curve:
+            say(f"loss curve: {curve}")
+
+
+def _fit_with(sink, cfg, plan, tokenizer, inputs, out, devices, resume):
     import keras
 
     from ultimate_trainer.checkpoint.store import (
@@ -158,13 +174,12 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     from ultimate_trainer.training import callbacks as cb
     from ultimate_trainer.training import interrupt
     from ultimate_trainer.training.generation import sample_text
-    from ultimate_trainer.training.optimizers import build_optimizer
+    from ultimate_trainer.training.optimizers import FiniteMean, build_optimizer
     from ultimate_trainer.training.schedules import WarmupCosine
 
     m, t, o, s = cfg.model, cfg.training, cfg.output, plan["schedule"]
     config_lib.write_json(cfg, out / "training_args.json")
     tokenizer.save(out)
-    metrics_path = out / "metrics.jsonl"
 
     keras.utils.set_random_seed(t.seed)
     if cfg.optimization.use_mixed_precision:
@@ -195,6 +210,10 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         optimizer=build_optimizer(t, schedule, model),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    if t.skip_nonfinite:
+        # A skipped update's loss stays out of the logged mean. Set untracked, as
+        # `compile` sets it: the built model refuses new tracked state.
+        object.__setattr__(model, "_loss_tracker", FiniteMean(name="loss"))
 
     start_step = 0
     if resume is not None:
@@ -246,7 +265,7 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     best = {"val_loss": math.inf}
 
     def validate(step):
-        record = cb.run_eval(evaluate, step, metrics_path, say)
+        record = cb.run_eval(evaluate, step, sink, say)
         if step > start_step and record["val_loss"] < best["val_loss"]:
             best.update(record)
             save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra, replace=True)
@@ -254,8 +273,9 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         return record
 
     initial = validate(start_step)
-    logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, metrics_path, say,
-                              flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"])
+    logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, sink, say,
+                              flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"],
+                              skip_nonfinite=t.skip_nonfinite)
     callbacks = [
         cb.StepCounter(clock),
         logger,
@@ -291,8 +311,10 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     if clock.nonfinite_after is not None:
         good = f"the last good checkpoint is {saved[max(saved)]}" if saved else "no checkpoint was saved before it"
         print(
-            f"error: the training loss became NaN or infinite after step {clock.nonfinite_after:,}; {good}. "
-            f"Lower --learning-rate, raise --warmup-steps or keep --grad-clip on, then --resume-from that checkpoint",
+            f"error: the training loss or gradients became NaN or infinite after step {clock.nonfinite_after:,}"
+            + (f" (more than --skip-nonfinite {t.skip_nonfinite} updates)" if t.skip_nonfinite else "")
+            + f"; {good}. Lower --learning-rate, raise --warmup-steps or keep --grad-clip on, then --resume-from "
+            f"that checkpoint (--skip-nonfinite N steps over rare bad batches)",
             file=sys.stderr,
         )
         return 3
