@@ -1,9 +1,15 @@
-"""Training throughput: ours against keras-hub's LlamaBackbone, per backend.
+"""Training throughput: ours against keras-hub's LlamaBackbone and a
+hand-written JAX + optax train step, per backend.
 
 Each (backend, implementation, shape) runs in its own process, since Keras
-picks its backend once per process. Both models train with `fit` on the same
-random tokens, untied embeddings, dropout 0, AdamW. The first window (compile
-and warm-up) is discarded; the figure is the median of the timed windows.
+picks its backend once per process. All train the same LLaMA shape on the
+same random tokens: untied embeddings, dropout 0, AdamW. Ours runs `fit` with
+the optimizer a real run builds (`training/optimizers.py`: global-norm clip
+1.0 and the gradient-norm statistic); keras-hub runs `fit` with a plain
+AdamW; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
+dict with `optax.adamw`, the ceiling a hand-written loop reaches. The first
+window (compile and warm-up) is discarded; the figure is the median of the
+timed windows.
 
 MFU = FLOPs/token x tokens/s / peak, with FLOPs/token = 6 N_non-embedding +
 6 V d + 12 L d seq (`models/sizing.flops_per_token`) and a peak of
@@ -13,6 +19,8 @@ override with --peak-flops).
 Example:
     python tools/bench_train.py --shapes tiny --backends jax,tensorflow
     python tools/bench_train.py --windows 4 --steps 5 --json results.json
+
+`jax_optax` needs optax (`pip install -e ".[bench]"`).
 """
 
 import argparse
@@ -29,10 +37,102 @@ SHAPES = {
     "tiny": (8192, 256, 8, 8, 1024, 256, 16),
     "small": (16000, 512, 12, 8, 2048, 256, 8),
 }
-IMPLEMENTATIONS = ("ours", "keras_hub")
+IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax")
+
+
+def _jax_optax_worker(args):
+    """A minimal hand-written LLaMA train step: one jitted function, params in a dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from ultimate_trainer.models import sizing
+
+    vocab, d, layers, heads, d_ff, seq, batch = SHAPES[args.shape]
+    hd = d // heads
+    dtype = jnp.bfloat16 if args.mixed_precision else jnp.float32
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 2 + 7 * layers))
+
+    def normal(*shape):
+        return 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
+
+    params = {
+        "embed": normal(vocab, d), "head": normal(d, vocab), "norm": jnp.ones(d),
+        "layers": [
+            {"attn_norm": jnp.ones(d), "wq": normal(d, d), "wk": normal(d, d), "wv": normal(d, d),
+             "wo": normal(d, d), "mlp_norm": jnp.ones(d), "gate": normal(d, d_ff), "up": normal(d, d_ff),
+             "down": normal(d_ff, d)}
+            for _ in range(layers)
+        ],
+    }
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    if total != counts.total:
+        raise SystemExit(f"jax_optax has {total} params, expected {counts.total}")
+    inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
+    angles = np.arange(seq)[:, None] * inv[None, :]
+    cos, sin = jnp.asarray(np.cos(angles), dtype), jnp.asarray(np.sin(angles), dtype)
+    mask = jnp.tril(jnp.ones((seq, seq), bool))
+
+    def rms(x, w):
+        x32 = x.astype(jnp.float32)
+        return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6) * w).astype(dtype)
+
+    def rope(x):  # [b, s, h, hd], rotate-half as in LLaMA
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        c, s_ = cos[None, :, None, :], sin[None, :, None, :]
+        return jnp.concatenate([x1 * c - x2 * s_, x2 * c + x1 * s_], -1)
+
+    def forward(p, tokens):
+        h = p["embed"][tokens].astype(dtype)
+        b = tokens.shape[0]
+        for lp in p["layers"]:
+            x = rms(h, lp["attn_norm"])
+            q = rope((x @ lp["wq"].astype(dtype)).reshape(b, seq, heads, hd))
+            k = rope((x @ lp["wk"].astype(dtype)).reshape(b, seq, heads, hd))
+            v = (x @ lp["wv"].astype(dtype)).reshape(b, seq, heads, hd)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
+            probs = jax.nn.softmax(jnp.where(mask, scores, -1e9), -1).astype(dtype)
+            h = h + jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, seq, d) @ lp["wo"].astype(dtype)
+            x = rms(h, lp["mlp_norm"])
+            h = h + (jax.nn.silu(x @ lp["gate"].astype(dtype)) * (x @ lp["up"].astype(dtype))) @ lp["down"].astype(dtype)
+        return (rms(h, p["norm"]) @ p["head"].astype(dtype)).astype(jnp.float32)
+
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(forward(p, x), y).mean()
+
+    optimizer = optax.adamw(1e-4, weight_decay=0.004)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(p, state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, state = optimizer.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss
+
+    data = np.random.default_rng(0).integers(0, vocab, (batch * 8, seq + 1)).astype("int32")
+    rates = []
+    for window in range(args.windows + 1):
+        start = time.perf_counter()
+        for i in range(args.steps):
+            rows = data[(i % 8) * batch : (i % 8 + 1) * batch]
+            params, opt_state, loss = step(params, opt_state, rows[:, :-1], rows[:, 1:])
+        loss.block_until_ready()
+        if window:
+            rates.append(args.steps * batch * seq / (time.perf_counter() - start))
+    flops = sizing.flops_per_token(counts.non_embedding, vocab, d, layers, seq)
+    median = statistics.median(rates)
+    print(json.dumps({
+        "backend": "jax", "impl": "jax_optax", "shape": args.shape, "params": total, "flops_per_token": flops,
+        "tokens_per_sec": median, "windows": rates, "mfu": median * flops / args.peak_flops,
+        "precision": "bfloat16" if args.mixed_precision else "float32",
+    }))
 
 
 def _worker(args):
+    if args.impl == "jax_optax":
+        return _jax_optax_worker(args)
     import keras
     import numpy as np
 
@@ -59,10 +159,14 @@ def _worker(args):
         model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
         x = np.random.default_rng(0).integers(0, vocab, (batch * 8, seq)).astype("int32")
         inputs = {"token_ids": x, "padding_mask": np.ones_like(x)}
-    model.compile(
-        optimizer=keras.optimizers.AdamW(1e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    if args.impl == "ours":
+        from ultimate_trainer.config import TrainingConfig
+        from ultimate_trainer.training.optimizers import build_optimizer
+
+        optimizer = build_optimizer(TrainingConfig(learning_rate=1e-4), 1e-4, model)
+    else:
+        optimizer = keras.optimizers.AdamW(1e-4)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
     if model.count_params() != counts.total:
         raise SystemExit(f"{args.impl} has {model.count_params()} params, expected {counts.total}")
@@ -111,6 +215,8 @@ def main(argv=None):
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             for impl in args.impls.split(","):
+                if impl == "jax_optax" and backend != "jax":
+                    continue
                 cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
                        "--steps", str(args.steps), "--windows", str(args.windows),
                        "--peak-flops", str(args.peak_flops)] + (["--mixed-precision"] if args.mixed_precision else [])
@@ -127,17 +233,23 @@ def main(argv=None):
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"peak {args.peak_flops / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.windows} windows")
-    print("| backend | shape | ours tok/s (MFU) | keras-hub tok/s (MFU) | ours / keras-hub |")
-    print("|---|---|---|---|---|")
+    print("| backend | shape | ours tok/s (MFU) | keras-hub tok/s (MFU) | JAX + optax tok/s (MFU) "
+          "| ours / keras-hub | ours / JAX + optax |")
+    print("|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             row = {r["impl"]: r for r in results if r["backend"] == backend and r["shape"] == shape}
             if not row:
                 continue
-            cells = [f"{row[i]['tokens_per_sec']:,.0f} ({100 * row[i]['mfu']:.0f}%)" if i in row else "-" for i in IMPLEMENTATIONS]
-            ratio = (f"{row['ours']['tokens_per_sec'] / row['keras_hub']['tokens_per_sec']:.2f}x"
-                     if len(row) == 2 else "-")
-            print(f"| {backend} | {shape} | {cells[0]} | {cells[1]} | {ratio} |")
+            cells = [f"{row[i]['tokens_per_sec']:,.0f} ({100 * row[i]['mfu']:.0f}%)" if i in row else "-"
+                     for i in IMPLEMENTATIONS]
+
+            def ratio(other):
+                if "ours" in row and other in row:
+                    return f"{row['ours']['tokens_per_sec'] / row[other]['tokens_per_sec']:.2f}x"
+                return "-"
+
+            print(f"| {backend} | {shape} | {' | '.join(cells)} | {ratio('keras_hub')} | {ratio('jax_optax')} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

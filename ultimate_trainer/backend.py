@@ -81,3 +81,38 @@ def accelerator(devices):
         if devices.get(kind):
             return "gpu" if kind == "cuda" else kind
     return None
+
+
+def compile_model_fn(model, fn):
+    """`fn(*args)`, which reads `model`'s variables, compiled once per input shape.
+
+    Keras compiles `fit` and `predict` itself but not a custom call such as
+    the KV-cache step; run eagerly, jax dispatches op by op. On jax this is
+    `jax.jit` over a stateless call with the variables as arguments (read
+    afresh each call, so training in between is seen); on tensorflow a
+    `tf.function`; torch runs eagerly (its eager ops are cheap). Pass changing
+    integers as arrays, not Python ints, or tensorflow retraces.
+
+    Example:
+        step = compile_model_fn(model, model.call_with_cache)
+        logits, cache = step(ids, cache, np.int32(0))
+    """
+    import keras
+
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        variables = list(model.variables)
+
+        def pure(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*args)
+
+        jitted = jax.jit(pure)
+        return lambda *args: jitted([v.value for v in variables], *args)
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, reduce_retracing=True)
+    return fn

@@ -36,15 +36,18 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
 def _cached_steps(model, tokenizer, ids, max_new_tokens, generated):
     import keras
 
+    from ultimate_trainer.backend import compile_model_fn
+
+    call = compile_model_fn(model, model.call_with_cache)  # two shapes: the prompt, then one token
     cache = model.empty_cache(1)
-    logits, cache = model.call_with_cache(np.array([ids], dtype="int32"), cache, 0)
+    logits, cache = call(np.array([ids], dtype="int32"), cache, np.int32(0))
     position = len(ids)
     while True:
         yield keras.ops.convert_to_numpy(logits[0, -1])
         # `generate` has appended the token it picked (or stopped iterating).
         if len(generated) >= max_new_tokens or position >= model.seq_len:
             return  # the cache holds seq_len positions, the longest context the model trained on
-        logits, cache = model.call_with_cache(np.array([[generated[-1]]], dtype="int32"), cache, position)
+        logits, cache = call(np.array([[generated[-1]]], dtype="int32"), cache, np.int32(position))
         position += 1
 
 
