@@ -43,3 +43,13 @@ def tiny_model_flags():
         "--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--d-ff", "64",
         "--seq-len", "32", "--batch-size", "4", "--dropout-rate", "0",
     ]
+
+
+@pytest.fixture(params=["s3", "gcs", "azure"])
+def emulator(request, tmp_path):
+    """A running storage emulator of each provider (see tests/emulators.py)."""
+    from tests.emulators import EMULATORS
+
+    running = EMULATORS[request.param](tmp_path).start()
+    yield running
+    running.stop()

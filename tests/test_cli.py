@@ -31,7 +31,7 @@ def test_help_shows_every_flag_grouped_with_defaults():
                   "checkpoint & logging:", "cloud:"):
         assert f"\n{group}\n" in result.stdout
     for default in ("(default: 16000)", "(default: 512)", "(default: 5e-4)".replace("5e-4", "0.0005"),
-                    "(default: output_ultimate)", "(default: checkpoints)", "(default: 10000)"):
+                    "(default: output_ultimate)", "(default: 600.0)", "(default: 10000)"):
         assert default in result.stdout
 
 

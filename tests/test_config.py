@@ -90,14 +90,21 @@ def test_invalid_values_name_the_flag_and_fix(values, message):
 
 
 @pytest.mark.parametrize(
-    "key,value,flag",
+    "values,message",
     [
-        ("cloud.cloud_provider", "s3", "--cloud-provider"),
+        ({"cloud.cloud_provider": "s3"}, "--cloud-provider needs --cloud-bucket too"),
+        ({"cloud.cloud_bucket": "b"}, "--cloud-bucket needs --cloud-provider too"),
+        ({"cloud.cloud_provider": "s3", "cloud.cloud_bucket": "b", "cloud.azure_sas_token": "sv=x"},
+         r"--azure-sas-token applies to --cloud-provider azure \(or an az:// --resume-from\) only"),
+        ({"cloud.cloud_provider": "gcs", "cloud.cloud_bucket": "b", "cloud.azure_account_name": "acct"},
+         r"--azure-account-name applies to --cloud-provider azure \(or an az:// --resume-from\) only"),
+        ({"cloud.cloud_provider": "s3", "cloud.cloud_bucket": "b", "cloud.cloud_endpoint_url": "127.0.0.1:9"},
+         "--cloud-endpoint-url '127.0.0.1:9': give a URL"),
     ],
 )
-def test_pending_feature_flags_are_refused_not_ignored(key, value, flag):
-    with pytest.raises(UserError, match=f"{flag} is not available yet"):
-        resolve_config({key: value})
+def test_cloud_flags_are_checked(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(values)
 
 
 def test_every_field_has_help_and_a_unique_flag():

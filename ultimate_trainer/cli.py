@@ -45,8 +45,6 @@ def _help_text(f):
     default = f.default
     if not (isinstance(default, bool) or default is None):
         text = f"{text} (default: {default})"
-    if f.metadata.get("pending"):
-        text += " [not available yet: " + config_lib.PENDING[f.metadata["pending"]].split(";")[0] + "]"
     return text
 
 

@@ -27,14 +27,6 @@ from ultimate_trainer.models import sizing
 
 REDACTED = "***REDACTED***"
 
-# Features whose flags exist but whose work lands with a later issue. Passing
-# such a flag stops the run with a message naming it; it is never ignored.
-PENDING = {
-    "cloud": "cloud checkpoint upload (issue #6); checkpoints are written to "
-    "--output-dir meanwhile",
-}
-
-
 def count(value):
     """Parses a count such as `100000000`, `1e8`, `100M` or `1.5B`.
 
@@ -156,7 +148,7 @@ class OutputConfig:
     milestone_every: int = _opt(None, "Optimizer steps between milestone-<step> checkpoints, which are never deleted.", type=int)
     eval_every: int = _opt(500, "Optimizer steps between validation passes.")
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
-    resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest checkpoint) or `latest` (newest in --output-dir); s3:// gs:// az:// URIs come with issue #6.", type=str)
+    resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest valid checkpoint), `latest` (in --output-dir), or an s3:// gs:// az:// URI of a checkpoint or a prefix (downloaded into <output-dir>/remote-checkpoints/).", type=str)
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
     tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
     wandb_project: str = _opt(None, "Log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works without network).", type=str)
@@ -165,12 +157,14 @@ class OutputConfig:
 
 @dataclasses.dataclass
 class CloudConfig:
-    cloud_provider: str = _opt(None, "Upload checkpoints to this provider.", type=str, choices=["s3", "gcs", "azure"], pending="cloud")
-    cloud_bucket: str = _opt(None, "Bucket (S3/GCS) or container (Azure).", type=str, pending="cloud")
-    cloud_region: str = _opt(None, "Bucket region.", type=str, pending="cloud")
-    cloud_prefix: str = _opt("checkpoints", "Key prefix inside the bucket.", pending="cloud")
-    azure_sas_token: str = _opt(None, "Azure SAS token (better: AZURE_STORAGE_SAS_TOKEN in the environment).", type=str, pending="cloud", secret=True)
-    azure_account_name: str = _opt(None, "Azure storage account name.", type=str, pending="cloud")
+    cloud_provider: str = _opt(None, "Upload each checkpoint-<step> to this provider, in the background.", type=str, choices=["s3", "gcs", "azure"])
+    cloud_bucket: str = _opt(None, "Bucket (S3/GCS) or container (Azure) to upload to.", type=str)
+    cloud_region: str = _opt(None, "Bucket region (S3; default: the SDK's configuration).", type=str)
+    cloud_prefix: str = _opt(None, "Key prefix inside the bucket (default: the output dir's name).", type=str)
+    cloud_endpoint_url: str = _opt(None, "Endpoint of an S3/GCS/Azure-compatible service or emulator (default: the provider's; the SDKs' own variables such as AWS_ENDPOINT_URL and STORAGE_EMULATOR_HOST also work).", type=str)
+    cloud_upload_wait: float = _opt(600.0, "Seconds to keep retrying failed uploads when training ends or is interrupted (checkpoints not uploaded stay local).")
+    azure_sas_token: str = _opt(None, "Azure SAS token (better: AZURE_STORAGE_SAS_TOKEN in the environment); never logged.", type=str, secret=True)
+    azure_account_name: str = _opt(None, "Azure storage account name (or AZURE_STORAGE_ACCOUNT).", type=str)
 
 
 @dataclasses.dataclass
@@ -208,7 +202,7 @@ class Config:
     cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     # "section.field" keys the user set (recipe or flags), for precedence and
-    # for the pending-feature check.
+    # for checks that only apply to values given on purpose.
     explicit: frozenset = frozenset()
 
     def to_dict(self, redact=True):
@@ -417,13 +411,6 @@ def validate(cfg):
     """Checks the whole config once; raises `UserError` naming the bad value and the fix."""
     flags = {f.name: flag_name(f) for _, _, f in iter_fields()}
 
-    # Flags whose features have not landed yet: refuse, never ignore.
-    for attr, _, f in iter_fields():
-        reason = f.metadata.get("pending")
-        key = f"{attr}.{f.name}"
-        if reason and key in cfg.explicit and getattr(getattr(cfg, attr), f.name) != f.default:
-            raise UserError(f"{flags[f.name]} is not available yet: it comes with {PENDING[reason]}")
-
     for attr, _, f in iter_fields():
         value = getattr(getattr(cfg, attr), f.name)
         choices = f.metadata.get("choices")
@@ -492,6 +479,7 @@ def validate(cfg):
         )
     if cfg.output.wandb_run_name and not cfg.output.wandb_project:
         raise UserError("--wandb-run-name names a W&B run; add --wandb-project PROJECT")
+    _validate_cloud(cfg.cloud, cfg.output.resume_from, flags)
     loader = cfg.loader
     _positive(loader.shuffle_buffer_size, flags["shuffle_buffer_size"])
     if loader.stride is not None and not 0 <= loader.stride < m.seq_len:
@@ -545,6 +533,21 @@ def validate(cfg):
         raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
     if cfg.run.eval_only and not (m.init_from or o.resume_from):
         raise UserError("--eval-only needs the checkpoint to evaluate: add --init-from CHECKPOINT")
+
+
+def _validate_cloud(c, resume_from, flags):
+    if bool(c.cloud_provider) != bool(c.cloud_bucket):
+        given, missing = ("cloud_provider", "cloud_bucket") if c.cloud_provider else ("cloud_bucket", "cloud_provider")
+        raise UserError(f"{flags[given]} needs {flags[missing]} too (uploads go to PROVIDER + BUCKET)")
+    from_azure = str(resume_from or "").startswith(("az://", "https://"))
+    if c.cloud_provider != "azure" and not from_azure:
+        for name in ("azure_sas_token", "azure_account_name"):
+            if getattr(c, name):
+                raise UserError(f"{flags[name]} applies to --cloud-provider azure (or an az:// --resume-from) only")
+    if c.cloud_upload_wait < 0:
+        raise UserError(f"{flags['cloud_upload_wait']} must be zero or positive, got {c.cloud_upload_wait}")
+    if c.cloud_endpoint_url and not c.cloud_endpoint_url.startswith(("http://", "https://")):
+        raise UserError(f"--cloud-endpoint-url {c.cloud_endpoint_url!r}: give a URL, e.g. http://127.0.0.1:9000")
 
 
 def _validate_data(d, explicit, flags):

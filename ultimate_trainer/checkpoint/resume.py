@@ -4,7 +4,13 @@ import json
 import re
 from pathlib import Path
 
-from ultimate_trainer.checkpoint.store import MODEL_FILE, STATE_FILE
+from ultimate_trainer.checkpoint.store import (
+    MODEL_FILE,
+    STATE_FILE,
+    CorruptCheckpoint,
+    read_latest,
+    verify_checkpoint,
+)
 from ultimate_trainer.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -27,29 +33,64 @@ def checkpoints_in(run_dir):
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(resume_from, output_dir):
+def newest_valid(run_dir, what, log=print, preferred=None):
+    """The newest checkpoint of `run_dir` that passes verification, trying
+    `preferred` (the `latest` pointer's target) first; says which it skipped."""
+    candidates = list(reversed(checkpoints_in(run_dir)))
+    if preferred is not None:
+        candidates = [preferred] + [c for c in candidates if c.resolve() != Path(preferred).resolve()]
+    problems = []
+    for checkpoint in candidates:
+        try:
+            verify_checkpoint(checkpoint, what)
+        except CorruptCheckpoint as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log(f"{what}: {len(problems)} checkpoint(s) failed verification ({problems[0]}); "
+                f"falling back to {checkpoint}, the newest valid one")
+        return checkpoint
+    if problems:
+        raise UserError(f"{what}: {run_dir} holds no valid checkpoint; the newest: {problems[0]}")
+    raise UserError(f"{what}: {run_dir} holds no complete checkpoint-<step> directory")
+
+
+REMOTE_CACHE_DIR = "remote-checkpoints"
+
+
+def find_checkpoint(resume_from, output_dir, log=print, bucket_for=None):
     """Resolves `--resume-from` (a checkpoint dir, a run dir, or `latest` in
-    `--output-dir`) to one checkpoint directory.
+    `--output-dir`) to one verified checkpoint directory.
+
+    `latest` follows the run's `latest` pointer and, when that checkpoint is
+    missing or fails verification, falls back to the newest valid one, saying
+    so; a run dir resumes from its newest valid checkpoint. A checkpoint
+    named outright must verify: it is refused, not replaced. An `s3://`,
+    `gs://`, `az://` or Azure `https://` URI is downloaded into
+    `<output_dir>/remote-checkpoints/` first (`bucket_for(uri)` builds the
+    bucket with the run's endpoint and credentials).
 
     Example:
         find_checkpoint("latest", "output_ultimate")   # .../checkpoint-1000
     """
     if str(resume_from).startswith(CLOUD_SCHEMES):
-        raise UserError(
-            f"--resume-from {resume_from}: resuming from cloud storage is not available yet: it comes with "
-            f"cloud checkpoints (issue #6); download the checkpoint and pass its local directory"
-        )
+        from ultimate_trainer.checkpoint import cloud
+
+        bucket = bucket_for(resume_from) if bucket_for else None
+        return cloud.fetch_for_resume(resume_from, Path(output_dir) / REMOTE_CACHE_DIR, bucket, log)
     if resume_from == "latest":
-        found = checkpoints_in(output_dir)
-        if not found:
-            raise UserError(f"--resume-from latest: {output_dir} holds no complete checkpoint-<step> directory")
-        return found[-1]
+        pointer = read_latest(output_dir)
+        if pointer is not None and not is_complete(pointer):
+            log(f"--resume-from latest: {Path(output_dir) / 'latest'} names {pointer.name}, which is not a complete "
+                f"checkpoint; looking for the newest valid one")
+            pointer = None
+        return newest_valid(output_dir, "--resume-from latest", log, preferred=pointer)
     path = Path(resume_from)
     if is_complete(path):
+        verify_checkpoint(path, "--resume-from")
         return path
-    found = checkpoints_in(path)
-    if found:
-        return found[-1]
+    if checkpoints_in(path):
+        return newest_valid(path, f"--resume-from {resume_from}", log, preferred=read_latest(path))
     if not path.exists():
         raise UserError(f"--resume-from {resume_from}: no such directory")
     raise UserError(

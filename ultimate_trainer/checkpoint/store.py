@@ -1,20 +1,29 @@
 """Checkpoints on local disk: written whole into a temporary dir, then renamed.
 
 A checkpoint is a directory `checkpoint-{step}/` with `model.keras` (config,
-weights and optimizer state), the tokenizer, the run's `training_args.json`
-and `trainer_state.json`. The rename makes it appear complete or not at all.
+weights and optimizer state), the tokenizer, the run's `training_args.json`,
+`trainer_state.json` and `manifest.json` (every other file's size and
+SHA-256). The files are fsynced, the directory renamed into place, and only
+then does the run's `latest` pointer move to it, so a crash at any moment
+leaves the previous checkpoint and `latest` intact. Loading verifies the
+manifest.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from ultimate_trainer import config as config_lib
+from ultimate_trainer.errors import UserError
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
 # CausalLM config keys that may differ between a checkpoint and the model
 # that loads its weights: they change no weight's shape or meaning.
 FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention"}
@@ -25,6 +34,94 @@ def _fsync_tree(directory):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_dir(directory):
+    """Makes a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory, step=None):
+    """Records every file of a checkpoint dir (sizes and SHA-256) in manifest.json."""
+    directory = Path(directory)
+    files = {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    manifest = {"format": 1, "step": step, "written_at": time.time(), "files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files do not match its manifest (or that has none)."""
+
+
+def verify_checkpoint(directory, flag="--resume-from"):
+    """Checks every file of a checkpoint against its manifest; raises `CorruptCheckpoint`
+    naming the first file that is missing, truncated or altered.
+
+    Example:
+        verify_checkpoint("out/checkpoint-100")   # returns the manifest, or raises
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CorruptCheckpoint(
+            f"{flag} {directory}: no {MANIFEST_FILE}, so it cannot be verified (a partial copy, or not a checkpoint)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptCheckpoint(f"{flag} {directory}: {MANIFEST_FILE} is damaged (not the JSON this tool writes)") from None
+    for name, size, digest in entries:
+        target = directory / name
+        if not target.is_file():
+            raise CorruptCheckpoint(f"{flag} {directory}: {name} is missing (the manifest lists it)")
+        if target.stat().st_size != size:
+            raise CorruptCheckpoint(
+                f"{flag} {directory}: {name} has {target.stat().st_size:,} bytes, the manifest says {size:,} "
+                f"(truncated or partly copied)"
+            )
+        if file_digest(target) != digest:
+            raise CorruptCheckpoint(f"{flag} {directory}: {name} does not match its SHA-256 in the manifest (altered or damaged)")
+    return manifest
+
+
+def set_latest(output_dir, name):
+    """Points `output_dir/latest` at checkpoint `name`, atomically (write, fsync, rename)."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, output_dir / LATEST_FILE)
+    _fsync_dir(output_dir)
+
+
+def read_latest(output_dir):
+    """The checkpoint dir `output_dir/latest` names, or None when there is no pointer."""
+    path = Path(output_dir) / LATEST_FILE
+    if not path.is_file():
+        return None
+    name = path.read_text().strip()
+    return Path(output_dir) / name if name and "/" not in name else None
 
 
 def link_copy(source, destination):
@@ -66,9 +163,11 @@ def architecture(model):
     return {k: v for k, v in model.get_config().items() if k not in FREE_KEYS}
 
 
-def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=None, replace=False):
+def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=None, replace=False, latest=False):
     """Writes `output_dir/name/` atomically and returns its path.
 
+    With `latest`, `output_dir/latest` then points at it (regular
+    checkpoints: the ones `--resume-from latest` continues).
     `write_extra(tmp_dir)` may add files before the rename (LoRA adapters).
     An existing `name/` is moved aside, never overwritten in place; with
     `replace` (the run's own `best_checkpoint/`) the superseded copy is then
@@ -90,6 +189,7 @@ def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=
     (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(architecture(model), indent=2) + "\n")
     if write_extra is not None:
         write_extra(tmp)
+    write_manifest(tmp, state.get("step"))
     _fsync_tree(tmp)
     old = None
     if final.exists():
@@ -99,8 +199,11 @@ def save_checkpoint(model, tokenizer, cfg, output_dir, name, state, write_extra=
             shutil.rmtree(old)
         final.rename(old)
     os.replace(tmp, final)
+    _fsync_dir(output_dir)
     if replace and old is not None:
         shutil.rmtree(old)
+    if latest:
+        set_latest(output_dir, name)
     return final
 
 
@@ -109,8 +212,6 @@ def check_architecture(model, checkpoint_dir, flag="--init-from"):
 
     A RoPE model may change `seq_len` (its weights do not depend on it).
     """
-    from ultimate_trainer.errors import UserError
-
     directory = Path(checkpoint_dir)
     if not (directory / MODEL_FILE).is_file() or not (directory / MODEL_CONFIG_FILE).is_file():
         raise UserError(f"{flag} {checkpoint_dir}: not a checkpoint (needs {MODEL_FILE} and {MODEL_CONFIG_FILE})")
@@ -129,6 +230,7 @@ def check_architecture(model, checkpoint_dir, flag="--init-from"):
 def init_from(model, checkpoint_dir):
     """Loads a checkpoint's weights (not its optimizer) into `model`; the architectures must match."""
     check_architecture(model, checkpoint_dir)
+    verify_checkpoint(checkpoint_dir, "--init-from")
     model.load_weights(Path(checkpoint_dir) / MODEL_FILE)
 
 
@@ -162,10 +264,10 @@ def load_model(checkpoint_dir):
     import keras
 
     from ultimate_trainer.data.tokenizers import load_tokenizer
-    from ultimate_trainer.errors import UserError
     from ultimate_trainer.models import causal_lm  # noqa: F401  registers the classes
 
     path = Path(checkpoint_dir) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{checkpoint_dir} holds no {MODEL_FILE}; point at a checkpoint-<step> directory")
+    verify_checkpoint(checkpoint_dir, "checkpoint")
     return keras.models.load_model(path, compile=False), load_tokenizer(checkpoint_dir)

@@ -27,7 +27,12 @@ def say(message):
 def train(cfg):
     """Trains as `cfg` says; returns the process exit code."""
     out = Path(cfg.output.output_dir)
-    resume = find_checkpoint(cfg.output.resume_from, out) if cfg.output.resume_from else None
+    resume = None
+    if cfg.output.resume_from:
+        from ultimate_trainer.checkpoint import cloud
+
+        resume = find_checkpoint(cfg.output.resume_from, out, say,
+                                 bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
     # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
     if not continuing and not cfg.run.eval_only:
@@ -145,10 +150,22 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
     from ultimate_trainer.training import reporting
 
     o = cfg.output
+    uploader = None
+    if cfg.cloud.cloud_provider:
+        from ultimate_trainer.checkpoint import cloud
+
+        bucket = cloud.bucket_for_upload(cfg.cloud)
+        prefix = cfg.cloud.cloud_prefix or out.resolve().name
+        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say,
+                                  secrets=[cfg.cloud.azure_sas_token or ""])
+        say(f"uploads: each checkpoint-<step> goes to {bucket.uri(prefix)} in the background")
     sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
     try:
-        return _fit_with(sink, cfg, plan, tokenizer, inputs, out, devices, resume)
+        return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume)
     finally:
+        if uploader is not None:
+            say("uploads: waiting for the last uploads to finish")
+            say(uploader.close(cfg.cloud.cloud_upload_wait))
         sink.close()
         # Drawn on every way out (done, interrupted, stopped on NaN): the curve so far.
         curve = reporting.plot_loss_curve(sink.path, out / reporting.LOSS_CURVE_FILE, title=str(out))
@@ -156,7 +173,7 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
             say(f"loss curve: {curve}")
 
 
-def _fit_with(sink, cfg, plan, tokenizer, inputs, out, devices, resume):
+def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume):
     import keras
 
     from ultimate_trainer.checkpoint.store import (
@@ -248,11 +265,16 @@ def _fit_with(sink, cfg, plan, tokenizer, inputs, out, devices, resume):
     def save(step):
         if step in saved:
             return saved[step]
-        path = save_checkpoint(model, tokenizer, cfg, out, f"checkpoint-{step}", _state(step), write_extra)
+        path = save_checkpoint(model, tokenizer, cfg, out, f"checkpoint-{step}", _state(step), write_extra,
+                               latest=True)
         saved[step] = path
         say(f"saved {path}")
+        if uploader is not None:
+            uploader.submit(path)
         if o.save_total_limit:
-            for gone in prune_checkpoints(out, o.save_total_limit, protect=[resume] if resume else []):
+            # A checkpoint not uploaded yet is kept locally until it is.
+            keep = ([resume] if resume else []) + (uploader.pending if uploader is not None else [])
+            for gone in prune_checkpoints(out, o.save_total_limit, protect=keep):
                 for key in [k for k, v in saved.items() if v == gone]:
                     del saved[key]
                 say(f"--save-total-limit {o.save_total_limit}: removed {gone}")
