@@ -116,3 +116,27 @@ def compile_model_fn(model, fn):
 
         return tf.function(fn, reduce_retracing=True)
     return fn
+
+
+def scan(f, init, xs, y_like):
+    """`keras.ops.scan(f, init, xs)` -> (carry, stacked ys), on every backend.
+
+    Keras' tensorflow `scan` allocates the stacked outputs with the carry's
+    shapes, so a step whose output differs in shape from its carry fails
+    there; on tensorflow this runs `tf.scan` with the output carried next to
+    the state instead. `y_like` is a zero tensor shaped like one output.
+
+    Example:
+        carry, ys = scan(step, (w, b), (q_blocks, k_blocks), q_blocks[0])
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return keras.ops.scan(f, init, xs)
+    import tensorflow as tf
+
+    def body(acc, x):
+        return f(acc[0], x)
+
+    carries, ys = tf.scan(body, xs, initializer=(init, y_like))
+    return tf.nest.map_structure(lambda c: c[-1], carries), ys

@@ -105,6 +105,12 @@ class ModelConfig:
     lora_alpha: float = _opt(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: the rank).", type=float)
     lora_targets: str = _opt("qkv,out", "Projections that get adapters: a comma-separated subset of qkv, out, up, down.")
     init_from: str = _opt(None, "Start from the weights of this checkpoint dir (fine-tuning, LoRA); the architecture must match.", type=str)
+    ttt_layer_type: str = _opt(None, "Replace attention with a TTT layer (test-time training, arXiv 2407.04620): `linear` (TTT-Linear) or `mlp` (TTT-MLP); the recipes' ttt_linear/ttt_mlp also work.", type=str, choices=["linear", "mlp", "ttt_linear", "ttt_mlp"])
+    ttt_layers: str = _opt(None, "Which blocks are TTT, as comma-separated indices (a hybrid stack; default: all).", type=str)
+    ttt_mini_batch_size: int = _opt(16, "Tokens per TTT inner gradient step.")
+    ttt_base_lr: float = _opt(None, "TTT inner learning rate scale (default: 1.0 for linear, 0.1 for mlp).", type=float)
+    ttt_use_gate: bool = _opt(False, "Gate the TTT output with GELU(x W_g), as in the paper's Mamba-style blocks.")
+    ttt_share_qk: bool = _opt(False, "Share the TTT Q/K projection, with a causal depthwise conv (kernel 4) for each.")
 
 
 @dataclasses.dataclass
@@ -445,6 +451,7 @@ def validate(cfg):
             f"(SwiGLU always gates with SiLU)"
         )
 
+    _validate_ttt(m, cfg.explicit, flags)
     _positive(m.lora_rank, flags["lora_rank"])
     _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
     if m.use_lora:
@@ -533,6 +540,39 @@ def validate(cfg):
         raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
     if cfg.run.eval_only and not (m.init_from or o.resume_from):
         raise UserError("--eval-only needs the checkpoint to evaluate: add --init-from CHECKPOINT")
+
+
+def ttt_kind(model_cfg):
+    """`linear`, `mlp` or None: --ttt-layer-type without the recipes' `ttt_` prefix."""
+    kind = model_cfg.ttt_layer_type
+    return kind[4:] if kind and kind.startswith("ttt_") else kind
+
+
+def _validate_ttt(m, explicit, flags):
+    others = ("ttt_layers", "ttt_mini_batch_size", "ttt_base_lr", "ttt_use_gate", "ttt_share_qk")
+    if not m.ttt_layer_type:
+        given = [flags[n] for n in others if f"model.{n}" in explicit]
+        if given:
+            raise UserError(f"{given[0]} configures TTT layers; add --ttt-layer-type linear|mlp")
+        return
+    _positive(m.ttt_mini_batch_size, flags["ttt_mini_batch_size"])
+    _positive(m.ttt_base_lr, flags["ttt_base_lr"], allow_none=True)
+    if m.ttt_layers is not None:
+        try:
+            indices = [int(i) for i in str(m.ttt_layers).split(",") if i.strip()]
+        except ValueError:
+            indices = None
+        if not indices or any(not 0 <= i < m.num_layers for i in indices):
+            raise UserError(
+                f"--ttt-layers {m.ttt_layers!r}: give comma-separated block indices from 0 to {m.num_layers - 1}"
+            )
+    if (m.d_model // m.num_heads) % 2:
+        raise UserError(
+            f"head size {m.d_model // m.num_heads} must be even: TTT layers apply RoPE within each mini-batch; "
+            f"change --num-heads"
+        )
+    if m.use_lora:
+        raise UserError("--use-lora targets attention projections and cannot be combined with --ttt-layer-type yet")
 
 
 def _validate_cloud(c, resume_from, flags):

@@ -44,6 +44,11 @@ def export_hf(model, tokenizer, out_dir):
     Returns the list of files written, relative to `out_dir`. The directory
     is written whole into a temporary sibling, then renamed into place.
     """
+    if getattr(model, "ttt", None):
+        raise UserError(
+            "this checkpoint has TTT layers, which transformers has no model class for; "
+            "export works for attention models (llama- and gpt2-style)"
+        )
     out = check_output_dir(out_dir)
     hf_model = to_transformers(model, tokenizer)
     from transformers.utils import logging as hf_logging

@@ -42,9 +42,14 @@ class CausalLM(keras.Model):
         dropout_rate=0.0,
         tie_embeddings=False,
         flash_attention=None,
+        ttt=None,
+        ttt_layers=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.ttt = dict(ttt) if ttt else None  # TTTLayer arguments for the TTT blocks
+        self.ttt_layers = list(ttt_layers) if ttt_layers is not None else None
+        ttt_blocks = set(range(num_layers) if self.ttt and ttt_layers is None else (ttt_layers or ()))
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.d_model = d_model
@@ -90,6 +95,7 @@ class CausalLM(keras.Model):
                 flash_attention=flash_attention,
                 initializer_range=0.02,
                 output_initializer_range=0.02 / math.sqrt(2 * num_layers),
+                ttt=self.ttt if i in ttt_blocks else None,
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
@@ -158,6 +164,8 @@ class CausalLM(keras.Model):
             dropout_rate=self.dropout_rate,
             tie_embeddings=self.tie_embeddings,
             flash_attention=self.flash_attention,
+            ttt=self.ttt,
+            ttt_layers=self.ttt_layers,
         )
         return config
 
@@ -180,7 +188,22 @@ def model_kwargs(model_cfg, vocab_size):
         tie_embeddings=model_cfg.tie_embeddings,
         # True means "auto": let the backend use a fused kernel if it has one.
         flash_attention=None if model_cfg.flash_attention else False,
+        **ttt_kwargs(model_cfg),
     )
+
+
+def ttt_kwargs(model_cfg):
+    """`CausalLM`'s `ttt` and `ttt_layers` arguments for a `ModelConfig` ({} without TTT)."""
+    from ultimate_trainer.config import ttt_kind
+    from ultimate_trainer.models.sizing import ttt_block_indices
+
+    m = model_cfg
+    if not m.ttt_layer_type:
+        return {}
+    ttt = dict(kind=ttt_kind(m), mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
+               use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk)
+    layers = None if m.ttt_layers is None else list(ttt_block_indices(m.num_layers, "x", m.ttt_layers))
+    return {"ttt": ttt, "ttt_layers": layers}
 
 
 def build_causal_lm(model_cfg, vocab_size):

@@ -56,11 +56,19 @@ def count_params(
     tie_embeddings=False,
     lora_rank=0,
     lora_targets=(),
+    ttt_layer_type=None,
+    ttt_layers=None,
+    ttt_mini_batch_size=16,
+    ttt_use_gate=False,
+    ttt_share_qk=False,
+    ttt_conv_kernel=4,
 ):
     """Exact parameter count of the model `CausalLM` builds for these flags.
 
     With `lora_rank`, adapters of that rank on `lora_targets` (names from
-    `models/lora.py`) are added and become the only trainable weights.
+    `models/lora.py`) are added and become the only trainable weights. With
+    `ttt_layer_type`, the blocks `ttt_layers` names (all when None) have a
+    TTT layer (`ttt_params`) where the others have attention.
 
     Example:
         >>> count_params(258, 128, 6, 4, 512, 256).total
@@ -72,6 +80,11 @@ def count_params(
     attention = 2 * d_model * d_model + 2 * d_model * num_kv_heads * head_dim
     mlp = (3 if use_swiglu else 2) * d_model * d_ff
     per_layer = 2 * norm + attention + mlp
+    n_ttt = len(ttt_block_indices(num_layers, ttt_layer_type, ttt_layers))
+    ttt_extra = n_ttt * (
+        ttt_params(d_model, num_heads, ttt_layer_type, ttt_mini_batch_size, ttt_use_gate, ttt_share_qk, ttt_conv_kernel)
+        - attention
+    ) if n_ttt else 0
     token_embedding = vocab_size * d_model
     position_embedding = 0 if use_rope else seq_len * d_model
     lm_head = 0 if tie_embeddings else vocab_size * d_model
@@ -83,7 +96,7 @@ def count_params(
         "down": (d_ff, d_model),
     }
     lora = num_layers * sum(lora_rank * sum(lora_shapes[t]) for t in lora_targets) if lora_rank else 0
-    non_embedding = num_layers * per_layer + norm + lora
+    non_embedding = num_layers * per_layer + ttt_extra + norm + lora
     total = embedding + non_embedding
     return ParamCounts(
         total=total,
@@ -93,12 +106,63 @@ def count_params(
     )
 
 
-def flops_per_token(non_embedding_params, vocab_size, d_model, num_layers, seq_len):
+def ttt_block_indices(num_layers, ttt_layer_type, ttt_layers=None):
+    """The block indices that hold a TTT layer: `ttt_layers` ("0,2,4" or a
+    list), or every block when it is None; none without `ttt_layer_type`."""
+    if not ttt_layer_type:
+        return ()
+    if ttt_layers is None or ttt_layers == "":
+        return tuple(range(num_layers))
+    if isinstance(ttt_layers, str):
+        ttt_layers = [int(i) for i in ttt_layers.split(",") if i.strip()]
+    return tuple(sorted(set(int(i) for i in ttt_layers)))
+
+
+def ttt_params(d_model, num_heads, kind, mini_batch_size=16, use_gate=False, share_qk=False, conv_kernel=4):
+    """Parameters of one `TTTLayer` (models/ttt.py).
+
+    Example:
+        >>> ttt_params(64, 4, "linear", 16)
+        18004
+    """
+    head_dim = d_model // num_heads
+    projections = (3 if share_qk else 4) * d_model * d_model
+    convs = 2 * (conv_kernel * d_model + d_model) if share_qk else 0
+    gate = d_model * d_model if use_gate else 0
+    lr_gate = num_heads * d_model + num_heads
+    inner_norm = 2 * d_model  # per-head scale and shift
+    if kind == "mlp":
+        inner = 8 * d_model * head_dim + 5 * d_model  # W1 [h,f,4f], b1 [h,1,4f], W2 [h,4f,f], b2 [h,1,f]
+    else:
+        inner = d_model * head_dim + d_model  # W [h,f,f], b [h,1,f]
+    post_norm = 2 * d_model
+    return projections + convs + gate + lr_gate + mini_batch_size + inner_norm + inner + post_norm
+
+
+def ttt_flops_per_token(d_model, num_heads, kind, mini_batch_size=16):
+    """Training FLOPs per token of one TTT layer's inner loop, beyond 6 x its weights.
+
+    The dual form's matmuls per head and token, forward, are for TTT-Linear
+    6f² + 6Kf (k·W, q·W, the weight update; q·kᵀ, the two K-wide products
+    with the gradients) and for TTT-MLP 56f² + 30Kf; training is 3x forward.
+    6·params already credits the inner weights once (2f² forward for
+    TTT-Linear, 16f² for TTT-MLP), so that much is subtracted.
+    """
+    f, k, h = d_model // num_heads, mini_batch_size, num_heads
+    if kind == "mlp":
+        return h * (3 * (56 * f * f + 30 * k * f) - 6 * 8 * f * f)
+    return h * (3 * (6 * f * f + 6 * k * f) - 6 * f * f)
+
+
+def flops_per_token(non_embedding_params, vocab_size, d_model, num_layers, seq_len, ttt_layers=0,
+                    ttt_flops=0):
     """Training FLOPs per token: forward plus backward (3x forward).
 
     6·N for the matmuls of the blocks, 6·V·d for the LM head and
     12·layers·d·seq for the attention scores and their weighted sum (PaLM's
     appendix B; the causal mask is not credited, as in nanoGPT and MaxText).
+    The `ttt_layers` TTT blocks have no attention term but `ttt_flops` each
+    (`ttt_flops_per_token`).
 
     Example:
         >>> flops_per_token(1_000_000, 258, 128, 6, 256)
@@ -107,7 +171,8 @@ def flops_per_token(non_embedding_params, vocab_size, d_model, num_layers, seq_l
     return (
         6 * non_embedding_params
         + 6 * vocab_size * d_model
-        + 12 * num_layers * d_model * seq_len
+        + 12 * (num_layers - ttt_layers) * d_model * seq_len
+        + ttt_layers * ttt_flops
     )
 
 

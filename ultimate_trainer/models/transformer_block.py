@@ -1,9 +1,13 @@
-"""One pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""One pre-norm decoder block: x + mix(norm(x)), then x + mlp(norm(x)).
+
+The sequence mixer is causal self-attention, or a TTT layer (`ttt` config).
+"""
 
 import keras
 
 from ultimate_trainer.models.attention import CausalSelfAttention
 from ultimate_trainer.models.feed_forward import FeedForward
+from ultimate_trainer.models.ttt import TTTLayer
 
 
 def make_norm(use_rmsnorm, name, dtype=None):
@@ -47,9 +51,11 @@ class TransformerBlock(keras.layers.Layer):
         flash_attention=None,
         initializer_range=0.02,
         output_initializer_range=0.02,
+        ttt=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.ttt_config = dict(ttt) if ttt else None
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.d_ff = d_ff
@@ -64,17 +70,31 @@ class TransformerBlock(keras.layers.Layer):
         self.output_initializer_range = output_initializer_range
 
         self.attention_norm = make_norm(use_rmsnorm, "attention_norm", self.dtype_policy)
-        self.attention = CausalSelfAttention(
-            num_heads=num_heads,
-            head_dim=head_dim,
-            num_kv_heads=num_kv_heads,
-            use_rope=use_rope,
-            flash_attention=flash_attention,
-            initializer_range=initializer_range,
-            output_initializer_range=output_initializer_range,
-            dtype=self.dtype_policy,
-            name="attention",
-        )
+        self.attention = None
+        self.ttt = None
+        if self.ttt_config:
+            # `ttt` holds TTTLayer arguments: kind, mini_batch_size, base_lr, use_gate, share_qk.
+            self.ttt = TTTLayer(
+                d_model=num_heads * head_dim,
+                num_heads=num_heads,
+                initializer_range=initializer_range,
+                output_initializer_range=output_initializer_range,
+                dtype=self.dtype_policy,
+                name="ttt",
+                **self.ttt_config,
+            )
+        else:
+            self.attention = CausalSelfAttention(
+                num_heads=num_heads,
+                head_dim=head_dim,
+                num_kv_heads=num_kv_heads,
+                use_rope=use_rope,
+                flash_attention=flash_attention,
+                initializer_range=initializer_range,
+                output_initializer_range=output_initializer_range,
+                dtype=self.dtype_policy,
+                name="attention",
+            )
         self.mlp_norm = make_norm(use_rmsnorm, "mlp_norm", self.dtype_policy)
         self.mlp = FeedForward(
             hidden_dim=d_ff,
@@ -87,15 +107,21 @@ class TransformerBlock(keras.layers.Layer):
         )
         self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
 
+    @property
+    def mixer(self):
+        return self.ttt if self.ttt is not None else self.attention
+
     def build(self, input_shape):
-        for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
+        for layer in (self.attention_norm, self.mixer, self.mlp_norm, self.mlp):
             layer.build(input_shape)
         self.built = True
 
     def call(self, x, training=None, cache=None, cache_index=0):
         if cache is None:
-            x = x + self.dropout(self.attention(self.attention_norm(x)), training=training)
+            x = x + self.dropout(self.mixer(self.attention_norm(x)), training=training)
             return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
+        if self.ttt is not None:
+            raise NotImplementedError("the KV cache is for attention blocks; TTT blocks decode with `decode`")
         attended, cache = self.attention(self.attention_norm(x), cache=cache, cache_index=cache_index)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), cache
@@ -115,5 +141,6 @@ class TransformerBlock(keras.layers.Layer):
             flash_attention=self.flash_attention,
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
+            ttt=self.ttt_config,
         )
         return config

@@ -19,7 +19,9 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
     """
     rng = np.random.default_rng(seed)
     ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-model.seq_len:]
-    step = _cached_steps if use_cache else _recomputed_steps
+    # TTT blocks have no KV cache: their decoding state lives in the layer (`TTTLayer.decode`)
+    # and is not wired into whole-model generation yet, so TTT models recompute the window.
+    step = _cached_steps if use_cache and not getattr(model, "ttt", None) else _recomputed_steps
     start = time.perf_counter()
     generated = []
     for logits in step(model, tokenizer, ids, max_new_tokens, generated):

@@ -6,6 +6,7 @@ Computed before any weight exists, from the closed-form formulas, so that
 
 import math
 
+from ultimate_trainer.config import ttt_kind
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
 
@@ -39,7 +40,13 @@ def model_summary(model_cfg, vocab_size):
         tie_embeddings=m.tie_embeddings,
         lora_rank=m.lora_rank if m.use_lora else 0,
         lora_targets=lora_targets(m),
+        ttt_layer_type=ttt_kind(m),
+        ttt_layers=m.ttt_layers,
+        ttt_mini_batch_size=m.ttt_mini_batch_size,
+        ttt_use_gate=m.ttt_use_gate,
+        ttt_share_qk=m.ttt_share_qk,
     )
+    ttt_blocks = sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers)
     architecture = {
         "preset": m.model_preset,
         "block_style": sizing.block_style(m.use_rope, m.use_rmsnorm, m.use_swiglu),
@@ -60,6 +67,10 @@ def model_summary(model_cfg, vocab_size):
         if m.use_lora
         else None,
         "init_from": m.init_from,
+        "ttt": {"kind": ttt_kind(m), "blocks": list(ttt_blocks), "mini_batch_size": m.ttt_mini_batch_size,
+                "base_lr": m.ttt_base_lr, "use_gate": m.ttt_use_gate, "share_qk": m.ttt_share_qk}
+        if ttt_blocks
+        else None,
     }
     params = {
         "total": counts.total,
@@ -67,7 +78,11 @@ def model_summary(model_cfg, vocab_size):
         "embedding": counts.embedding,
         "trainable": counts.trainable,
     }
-    flops = sizing.flops_per_token(counts.non_embedding, vocab_size, m.d_model, m.num_layers, m.seq_len)
+    flops = sizing.flops_per_token(
+        counts.non_embedding, vocab_size, m.d_model, m.num_layers, m.seq_len, ttt_layers=len(ttt_blocks),
+        ttt_flops=sizing.ttt_flops_per_token(m.d_model, m.num_heads, ttt_kind(m), m.ttt_mini_batch_size)
+        if ttt_blocks else 0,
+    )
     return architecture, params, flops
 
 
@@ -182,7 +197,9 @@ def format_plan(plan):
         + f", {a['num_layers']} layers, d_model {a['d_model']}, {a['num_heads']} heads"
         + (f" ({a['num_kv_heads']} kv)" if a["num_kv_heads"] != a["num_heads"] else "")
         + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
-        f"vocab {a['vocab_size']}, seq_len {a['seq_len']}",
+        f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
+        + (f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} of {a['num_layers']} blocks "
+           f"(mini-batch {a['ttt']['mini_batch_size']})" if a.get("ttt") else ""),
         f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable"
         + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else ""),
         f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "

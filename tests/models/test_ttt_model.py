@@ -1,0 +1,77 @@
+"""TTT blocks inside CausalLM: exact parameter formula, config round trip, fit in float32 and bf16,
+and the flags' errors."""
+
+import numpy as np
+import pytest
+
+import keras
+
+from ultimate_trainer.config import resolve_config
+from ultimate_trainer.errors import UserError
+from ultimate_trainer.models import sizing
+from ultimate_trainer.models.causal_lm import CausalLM, build_causal_lm
+
+
+def _cfg(**kw):
+    values = {"model.d_model": 32, "model.num_layers": 3, "model.num_heads": 4, "model.d_ff": 64,
+              "model.seq_len": 24, "model.ttt_mini_batch_size": 8}
+    values.update({f"model.{k}": v for k, v in kw.items()})
+    return resolve_config(values).model
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("gate, share_qk, layers", [(False, False, None), (True, True, "0,2"), (False, True, "1")])
+def test_parameter_formula_matches_the_built_model(kind, gate, share_qk, layers):
+    m = _cfg(ttt_layer_type=kind, ttt_use_gate=gate, ttt_share_qk=share_qk, ttt_layers=layers)
+    model = build_causal_lm(m, 100)
+    counts = sizing.count_params(100, 32, 3, 4, 64, 24, ttt_layer_type=kind, ttt_layers=layers,
+                                 ttt_mini_batch_size=8, ttt_use_gate=gate, ttt_share_qk=share_qk)
+    assert model.count_params() == counts.total
+    blocks = [i for i, b in enumerate(model.blocks) if b.ttt is not None]
+    assert blocks == ([0, 1, 2] if layers is None else [int(i) for i in layers.split(",")])
+    one = build_causal_lm(m, 100).blocks[blocks[0]].ttt
+    assert one.count_params() == sizing.ttt_params(32, 4, kind, 8, gate, share_qk)
+
+
+def test_config_round_trips_and_the_recipe_names_work():
+    model = build_causal_lm(_cfg(ttt_layer_type="ttt_mlp", ttt_layers="1", ttt_base_lr=0.05), 100)
+    again = CausalLM.from_config(model.get_config())
+    again.build((None, 24))
+    assert again.get_config() == model.get_config()
+    assert model.ttt["kind"] == "mlp" and model.blocks[1].ttt.base_lr == 0.05 and model.blocks[0].ttt is None
+    x = np.random.default_rng(0).integers(0, 100, (2, 24)).astype("int32")
+    again.set_weights(model.get_weights())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(again(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_a_fit_step_runs_and_lowers_the_loss(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_causal_lm(_cfg(ttt_layer_type="linear", seq_len=20), 100)  # 2 mini-batches and a partial
+        model.compile(optimizer=keras.optimizers.AdamW(3e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.tile(np.arange(21) % 7, (4, 1)).astype("int32")
+        history = model.fit(x[:, :-1], x[:, 1:], batch_size=4, epochs=6, verbose=0)
+        losses = history.history["loss"]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"model.ttt_mini_batch_size": 8}, "--ttt-mini-batch-size configures TTT layers; add --ttt-layer-type"),
+        ({"model.ttt_layer_type": "linear", "model.ttt_layers": "0,9"}, "--ttt-layers '0,9': give comma-separated"),
+        ({"model.ttt_layer_type": "linear", "model.ttt_layers": "a"}, "--ttt-layers 'a': give comma-separated"),
+        ({"model.ttt_layer_type": "mlp", "model.ttt_mini_batch_size": 0}, "--ttt-mini-batch-size must be a positive"),
+        ({"model.ttt_layer_type": "linear", "model.use_lora": True}, "--use-lora targets attention projections"),
+        ({"model.ttt_layer_type": "rnn"}, "--ttt-layer-type"),
+    ],
+)
+def test_ttt_flag_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config({"model.d_model": 32, "model.num_layers": 3, "model.num_heads": 4, **values})
