@@ -75,3 +75,21 @@ def test_a_fit_step_runs_and_lowers_the_loss(policy):
 def test_ttt_flag_errors(values, message):
     with pytest.raises(UserError, match=message):
         resolve_config({"model.d_model": 32, "model.num_layers": 3, "model.num_heads": 4, **values})
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_state_passing_over_windows_equals_the_whole_sequence(kind):
+    # An all-TTT stack has no positions beyond the RoPE inside each mini-batch, so a
+    # stream cut at mini-batch boundaries, with the state passed on, is one sequence.
+    model = build_causal_lm(_cfg(ttt_layer_type=kind, seq_len=32, num_layers=2), 100)
+    x = np.random.default_rng(1).integers(0, 100, (2, 32)).astype("int32")
+    whole, _ = model.call_with_state(x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(whole), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
+    states, pieces = None, []
+    for start, end in ((0, 8), (8, 24), (24, 32)):  # windows of 8, 16 and 8 tokens
+        logits, states = model.call_with_state(x[:, start:end], states)
+        pieces.append(keras.ops.convert_to_numpy(logits))
+    np.testing.assert_allclose(np.concatenate(pieces, 1), keras.ops.convert_to_numpy(whole), atol=2e-5)
+    fresh, _ = model.call_with_state(x[:, 8:24])
+    assert np.abs(keras.ops.convert_to_numpy(fresh) - pieces[1]).max() > 1e-4, "the state carries information"

@@ -123,6 +123,27 @@ class CausalLM(keras.Model):
         x = self.final_norm(x)
         return ops.cast(self.token_embedding(x, reverse=True), "float32")
 
+    def call_with_state(self, token_ids, states=None):
+        """Logits of one window and each TTT block's final inner state, continuing from
+        `states` (None: the learned initial weights). For a stream cut into windows of a
+        multiple of `ttt_mini_batch_size` tokens, feeding each window's states into the
+        next gives the logits of the whole stream processed at once.
+
+        Example:
+            logits, states = model.call_with_state(window_1)
+            logits, states = model.call_with_state(window_2, states)
+        """
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x)
+        states = list(states) if states is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, state in zip(self.blocks, states):
+            x, state = block(x, ttt_state=state, return_state=True)
+            new_states.append(state)
+        logits = self.token_embedding(self.final_norm(x), reverse=True)
+        return ops.cast(logits, "float32"), new_states
+
     def empty_cache(self, batch_size, max_length=None, dtype="float32"):
         """A zeroed KV cache: `[batch, layers, 2, max_length, kv_heads, head_dim]`."""
         kv_heads = self.num_kv_heads or self.num_heads

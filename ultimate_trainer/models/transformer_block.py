@@ -116,7 +116,13 @@ class TransformerBlock(keras.layers.Layer):
             layer.build(input_shape)
         self.built = True
 
-    def call(self, x, training=None, cache=None, cache_index=0):
+    def call(self, x, training=None, cache=None, cache_index=0, ttt_state=None, return_state=False):
+        if return_state:  # TTT state passing: (x, the TTT layer's final inner weights, or None)
+            if self.ttt is None:
+                return self.call(x, training=training), None
+            mixed, state = self.ttt(self.attention_norm(x), state=ttt_state, return_state=True)
+            x = x + self.dropout(mixed, training=training)
+            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training), state
         if cache is None:
             x = x + self.dropout(self.mixer(self.attention_norm(x)), training=training)
             return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)

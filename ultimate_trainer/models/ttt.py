@@ -274,7 +274,13 @@ class TTTLayer(keras.layers.Layer):
 
     # ---------------------------------------------------------------- forward
 
-    def call(self, x):
+    def call(self, x, state=None, return_state=False):
+        """`state`: inner weights to start from (a tuple as `return_state` gives,
+        taken as constants: no gradient flows into an earlier window); by
+        default the layer's learned initial weights. With `return_state`,
+        returns `(y, state)`: the inner weights after the last whole
+        mini-batch, the state the next window of the same stream starts from.
+        """
         xq, xk, xv = self._projections(x)
         xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))  # the inner loop runs in float32
         lr = self._lr(x)
@@ -283,7 +289,10 @@ class TTTLayer(keras.layers.Layer):
         full = (n // k) * k
         cos, sin = _rope_tables(k, self.head_dim, self.rope_theta)
         gamma, beta = ops.cast(self.ttt_gamma, "float32"), ops.cast(self.ttt_beta, "float32")
-        params = tuple(ops.cast(p, "float32") for p in self._params(ops.shape(x)[0]))
+        if state is None:
+            params = tuple(ops.cast(p, "float32") for p in self._params(ops.shape(x)[0]))
+        else:
+            params = tuple(ops.stop_gradient(ops.cast(p, "float32")) for p in state)
         outputs = []
         if full:
             m = full // k
@@ -318,7 +327,8 @@ class TTTLayer(keras.layers.Layer):
                           scale[:rest], lr[:, :, full:], gamma, beta)
             outputs.append(q + layer_norm(z, gamma, beta))
         z = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2)
-        return self._output(x, z)
+        y = self._output(x, z)
+        return (y, params) if return_state else y
 
     def decode(self, x, state):
         """Tokens x [B,n,d] after `state`, with the primal form; returns (y, state)."""
