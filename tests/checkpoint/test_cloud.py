@@ -165,3 +165,12 @@ def test_bad_uris_and_error_redaction():
         cloud.parse_uri("ftp://x/y")
     line = cloud.describe_error(RuntimeError("GET https://a/b?sv=2024&sig=SECRET failed\nmore"), ["sv=2024&sig=SECRET"])
     assert "SECRET" not in line and "***REDACTED***" in line and "more" not in line
+
+
+def test_bucket_errors_are_one_line(monkeypatch):
+    for name in ("AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="--cloud-provider azure needs the storage account"):
+        cloud.open_bucket("azure", "container")
+    with pytest.raises(UserError, match="use s3, gcs or azure"):
+        cloud.open_bucket("ftp", "b")

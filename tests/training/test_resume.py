@@ -70,7 +70,8 @@ def test_resume_errors(tmp_path):
     cases = [
         (["--resume-from", "latest", "--output-dir", str(tmp_path / "empty")], "holds no complete checkpoint"),
         (["--resume-from", str(tmp_path / "nope")], "no such directory"),
-        (["--resume-from", "s3://bucket/run"], "resuming from cloud storage is not available yet"),
+        (["--resume-from", "s3://bucket/run", "--cloud-endpoint-url", "http://127.0.0.1:9"],
+         "; check the bucket name, the credentials and --cloud-endpoint-url"),
         (["--resume-from", str(out), "--batch-size", "8", "--output-dir", str(out)],
          "it was trained with --batch-size 4, this run has 8"),
         (["--resume-from", str(out), "--num-layers", "3", "--output-dir", str(out)],

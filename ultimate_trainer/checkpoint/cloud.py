@@ -119,6 +119,7 @@ class AzureBucket(Bucket):
         super().__init__("azure", container)
         self.account_name = account_name or os.environ.get("AZURE_STORAGE_ACCOUNT")
         sas_token = sas_token or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
+        self.secrets = [sas_token or ""]
         connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         if connection and not sas_token and not endpoint_url:
             service = BlobServiceClient.from_connection_string(connection)
@@ -161,14 +162,34 @@ class AzureBucket(Bucket):
             self.container.delete_blob(key)
 
 
+class _Translated:
+    """Turns an SDK exception inside the block into a one-line `UserError` naming
+    what was being done (secrets cut out); `UserError`s pass through."""
+
+    def __init__(self, what, secrets=()):
+        self.what, self.secrets = what, secrets
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if error is None or isinstance(error, UserError) or not isinstance(error, Exception):
+            return False
+        raise UserError(
+            f"{self.what}: {describe_error(error, self.secrets)}; check the bucket name, the credentials "
+            f"and --cloud-endpoint-url"
+        ) from None
+
+
 def open_bucket(provider, bucket, region=None, endpoint_url=None, azure_account_name=None, azure_sas_token=None):
     """The `Bucket` for a provider (`s3`, `gcs` or `azure`)."""
-    if provider == "s3":
-        return S3Bucket(bucket, region, endpoint_url)
-    if provider == "gcs":
-        return GCSBucket(bucket, endpoint_url)
-    if provider == "azure":
-        return AzureBucket(bucket, azure_account_name, azure_sas_token, endpoint_url)
+    with _Translated(f"cannot open the {provider} bucket {bucket!r}", [azure_sas_token or ""]):
+        if provider == "s3":
+            return S3Bucket(bucket, region, endpoint_url)
+        if provider == "gcs":
+            return GCSBucket(bucket, endpoint_url)
+        if provider == "azure":
+            return AzureBucket(bucket, azure_account_name, azure_sas_token, endpoint_url)
     raise UserError(f"--cloud-provider {provider!r}: use s3, gcs or azure")
 
 
@@ -396,6 +417,11 @@ def fetch_for_resume(uri, cache_dir, bucket=None, log=print):
     """
     provider, bucket_name, path, account = parse_uri(uri)
     bucket = bucket or open_bucket(provider, bucket_name, azure_account_name=account)
+    with _Translated(f"--resume-from {uri}", getattr(bucket, "secrets", ())):
+        return _fetch(uri, bucket, path, cache_dir, log)
+
+
+def _fetch(uri, bucket, path, cache_dir, log):
     name = path.rsplit("/", 1)[-1] if path else ""
     if _CHECKPOINT.match(name):
         return download_checkpoint(bucket, path.rsplit("/", 1)[0] if "/" in path else "", name, cache_dir, log)
