@@ -38,3 +38,23 @@ def test_models_doc_preset_table_matches_the_formula():
         row = (f"| {name} | {d} | {layers} | {heads} | {d_ff} | {byte.total:,} | {byte.non_embedding:,} | "
                f"{vocab32k.total:,} |")
         assert row in doc, row
+
+
+@pytest.mark.parametrize("name, layers, stated_tokens", [
+    ("ttt-125m", 12, 2.4e9), ("ttt-350m", 24, 6.75e9), ("ttt-760m", 24, 14.5e9), ("ttt-1b", 24, 25e9),
+])
+def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_tokens):
+    from ultimate_trainer.config import resolve_config, ttt_kind
+
+    cfg = resolve_config({"run.config": str(PRESETS / f"{name}.yaml")})
+    m, t = cfg.model, cfg.training
+    assert ttt_kind(m) == "linear" and m.num_layers == layers and m.seq_len == 2048
+    assert t.batch_size * t.gradient_accumulation_steps == 256 and t.warmup_steps == t.max_steps // 10
+    assert cfg.optimization.use_mixed_precision and t.weight_decay == 0.1 and t.lr_end == 1e-5
+    tokens = t.max_steps * 256 * 2048
+    # The paper counts 2^19 tokens per step as "0.5M": its budgets are ours / 1.048576.
+    assert tokens / 1.048576 == pytest.approx(stated_tokens, rel=1e-3)
+    assert f"{tokens:,}" in (PRESETS / f"{name}.yaml").read_text()
+    counts = sizing.count_params(32000, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
+                                 tie_embeddings=True, ttt_layer_type="linear", ttt_mini_batch_size=16)
+    assert counts.total > 0.85 * float(name.split("-")[1].replace("m", "e6").replace("b", "e9"))
