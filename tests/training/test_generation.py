@@ -28,6 +28,39 @@ def test_kv_cache_decoding_equals_full_recomputation(kwargs):
         np.testing.assert_allclose(_np(logits)[:, 0], full[:, position], atol=1e-5)
 
 
+@pytest.mark.backends
+@pytest.mark.parametrize("ttt", [{"kind": "linear", "mini_batch_size": 4}, {"kind": "mlp", "mini_batch_size": 4}])
+def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):
+    keras.utils.set_random_seed(0)
+    model = CausalLM(vocab_size=50, seq_len=16, d_model=32, num_layers=2, num_heads=4, d_ff=48, ttt=ttt,
+                     ttt_layers=[1])  # block 0 attention, block 1 TTT
+    model.build((None, 16))
+    tokens = np.random.default_rng(1).integers(0, 50, (1, 12)).astype("int32")
+    full = _np(model(tokens))
+    states = model.initial_decode_state(1)
+    logits, states = model.decode(tokens[:, :5], states, 0)  # a prompt that ends inside a mini-batch
+    np.testing.assert_allclose(_np(logits), full[:, :5], atol=2e-5)
+    for position in range(5, 12):
+        logits, states = model.decode(tokens[:, position : position + 1], states, position)
+        np.testing.assert_allclose(_np(logits)[:, 0], full[:, position], atol=2e-5)
+
+    from ultimate_trainer.data.tokenizers import ByteTokenizer
+    from ultimate_trainer.training.generation import generate
+
+    class Small(ByteTokenizer):  # byte ids folded into the model's 50
+        vocab_size, eos_id, pad_id = 50, 49, 48
+
+        def encode(self, text):
+            return [b % 48 for b in text.encode()]
+
+        def decode(self, ids):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    with_state, stats = generate(model, Small(), "def f", max_new_tokens=6, temperature=0)
+    recomputed, _ = generate(model, Small(), "def f", max_new_tokens=6, temperature=0, use_cache=False)
+    assert with_state == recomputed and stats["cache"]
+
+
 def test_pick_matches_numpy_filters():
     logits = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05]))
     assert pick(logits, 0.0, 0, 1.0, np.random.default_rng(0)) == 1

@@ -144,6 +144,37 @@ class CausalLM(keras.Model):
         logits = self.token_embedding(self.final_norm(x), reverse=True)
         return ops.cast(logits, "float32"), new_states
 
+    def initial_decode_state(self, batch_size):
+        """Per block: a TTT layer's decoding state, or an attention block's KV cache."""
+        cache = self.empty_cache(batch_size)
+        return [block.ttt.initial_state(batch_size) if block.ttt is not None else cache[:, i]
+                for i, block in enumerate(self.blocks)]
+
+    def decode(self, token_ids, states, position):
+        """Logits of `token_ids` placed at `position` onwards and the updated states
+        (`initial_decode_state`): the generation path for models with TTT blocks,
+        which keep inner weights and gradient sums instead of keys and values.
+
+        Example:
+            states = model.initial_decode_state(1)
+            logits, states = model.decode(prompt_ids, states, 0)
+            logits, states = model.decode(next_id, states, len(prompt))
+        """
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, start_index=position)
+        new_states = []
+        for block, state in zip(self.blocks, states):
+            if block.ttt is not None:
+                mixed, state = block.ttt.decode(block.attention_norm(x), state)
+                x = x + mixed
+                x = x + block.mlp(block.mlp_norm(x))
+            else:
+                x, state = block(x, cache=state, cache_index=position)
+            new_states.append(state)
+        logits = self.token_embedding(self.final_norm(x), reverse=True)
+        return ops.cast(logits, "float32"), new_states
+
     def empty_cache(self, batch_size, max_length=None, dtype="float32"):
         """A zeroed KV cache: `[batch, layers, 2, max_length, kv_heads, head_dim]`."""
         kv_heads = self.num_kv_heads or self.num_heads

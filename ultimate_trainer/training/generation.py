@@ -19,9 +19,12 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
     """
     rng = np.random.default_rng(seed)
     ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-model.seq_len:]
-    # TTT blocks have no KV cache: their decoding state lives in the layer (`TTTLayer.decode`)
-    # and is not wired into whole-model generation yet, so TTT models recompute the window.
-    step = _cached_steps if use_cache and not getattr(model, "ttt", None) else _recomputed_steps
+    if not use_cache:
+        step = _recomputed_steps
+    elif getattr(model, "ttt", None):
+        step = _stateful_steps  # TTT blocks keep inner weights, not keys and values
+    else:
+        step = _cached_steps
     start = time.perf_counter()
     generated = []
     for logits in step(model, tokenizer, ids, max_new_tokens, generated):
@@ -50,6 +53,21 @@ def _cached_steps(model, tokenizer, ids, max_new_tokens, generated):
         if len(generated) >= max_new_tokens or position >= model.seq_len:
             return  # the cache holds seq_len positions, the longest context the model trained on
         logits, cache = call(np.array([[generated[-1]]], dtype="int32"), cache, np.int32(position))
+        position += 1
+
+
+def _stateful_steps(model, tokenizer, ids, max_new_tokens, generated):
+    """`CausalLM.decode`, eagerly: its TTT states carry Python positions, so it is not compiled."""
+    import keras
+
+    states = model.initial_decode_state(1)
+    logits, states = model.decode(np.array([ids], dtype="int32"), states, 0)
+    position = len(ids)
+    while True:
+        yield keras.ops.convert_to_numpy(logits[0, -1])
+        if len(generated) >= max_new_tokens or position >= model.seq_len:
+            return  # attention blocks' caches hold seq_len positions
+        logits, states = model.decode(np.array([[generated[-1]]], dtype="int32"), states, position)
         position += 1
 
 
