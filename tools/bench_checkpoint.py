@@ -48,7 +48,8 @@ def _save_restore(preset, vocab, workdir):
 
     cfg, model = _model(preset, vocab)
     start = time.perf_counter()
-    path = store.save_checkpoint(model, ByteTokenizer(), cfg, workdir, f"{preset}-checkpoint", {"step": 0})
+    # A run's checkpoint name (the uploader keeps the newest by step); one directory per preset.
+    path = store.save_checkpoint(model, ByteTokenizer(), cfg, Path(workdir) / preset, "checkpoint-1", {"step": 1})
     save = time.perf_counter() - start
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     start = time.perf_counter()
@@ -138,7 +139,9 @@ def main(argv=None):
             uploader.submit(r["path"])
             busy = _step_times(model, args.vocab_size, seq, args.batch_size, args.steps)
             overlapped = time.perf_counter() - start
-            report = uploader.close()
+            report = uploader.close(wait_s=60)
+            if "NOT uploaded" in report:
+                raise SystemExit(report)
             upload_s = time.perf_counter() - start
             base, loaded = statistics.median(quiet), statistics.median(busy)
             print(f"\nupload of {args.upload_preset} ({r['bytes'] / 1e6:,.0f} MB, {report.split(', ')[0]}): "
