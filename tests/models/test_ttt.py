@@ -89,7 +89,7 @@ def _layer(kind, **kw):
     rng = np.random.default_rng(0)
     for var in (layer.w1, layer.lr_weight, layer.token_offset, layer.ttt_beta) + ((layer.w2,) if kind == "mlp" else ()):
         var.assign(rng.normal(0, 0.3, var.shape).astype("float32"))
-    for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
+    for proj in [p for p in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj) if p is not None]:
         proj.kernel.assign(rng.normal(0, 0.3, proj.kernel.shape).astype("float32"))
     return layer
 
@@ -102,9 +102,9 @@ def test_dual_form_equals_the_primal_definition(kind):
     np.testing.assert_allclose(got, reference(layer, x.astype("float64")), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_token_by_token_decoding_equals_the_parallel_forward(kind):
-    layer = _layer(kind)
+@pytest.mark.parametrize("kind, kw", [("linear", {}), ("mlp", {}), ("linear", {"share_qk": True, "use_gate": True})])
+def test_token_by_token_decoding_equals_the_parallel_forward(kind, kw):
+    layer = _layer(kind, **kw)
     x = np.random.default_rng(2).normal(size=(2, 10, 16)).astype("float32")
     whole = keras.ops.convert_to_numpy(layer(x))
     state = layer.initial_state(2)

@@ -234,13 +234,17 @@ class TTTLayer(keras.layers.Layer):
         b, n = ops.shape(x)[0], x.shape[1]
         return ops.transpose(ops.reshape(x, (b, n, self.num_heads, self.head_dim)), (0, 2, 1, 3))
 
-    def _projections(self, x):
-        if self.share_qk:
-            shared = ops.pad(self.q_proj(x), [[0, 0], [self.conv_kernel - 1, 0], [0, 0]])
-            xq, xk = self.conv_q(shared), self.conv_k(shared)
-        else:
-            xq, xk = self.q_proj(x), self.k_proj(x)
-        return self._heads(xq), self._heads(xk), self._heads(self.v_proj(x))
+    def _projections(self, x, history=None):
+        """Q, K, V per head; with `--ttt-share-qk` also the last `conv_kernel - 1`
+        shared projections, the causal convs' history (zeros before the first token)."""
+        if not self.share_qk:
+            return self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x)), None
+        shared = self.q_proj(x)
+        if history is None:
+            history = ops.zeros((ops.shape(x)[0], self.conv_kernel - 1, self.d_model), shared.dtype)
+        padded = ops.concatenate([ops.cast(history, shared.dtype), shared], axis=1)
+        xq, xk = self.conv_q(padded), self.conv_k(padded)
+        return self._heads(xq), self._heads(xk), self._heads(self.v_proj(x)), padded[:, -(self.conv_kernel - 1):]
 
     def _lr(self, x):
         """The learnable inner learning rate per token and head: [B, h, n]."""
@@ -261,7 +265,7 @@ class TTTLayer(keras.layers.Layer):
         gradient sums, and position 0 in the mini-batch."""
         params = self._params(batch)
         return {"params": params, "grads": tuple(ops.zeros_like(p) for p in params), "position": 0,
-                "conv": None}
+                "conv": None}  # the share-QK convs' history, set by the first `decode`
 
     def _output(self, x, z):
         """Inner output z [B,h,n,f] -> layer output [B,n,d]."""
@@ -281,7 +285,7 @@ class TTTLayer(keras.layers.Layer):
         returns `(y, state)`: the inner weights after the last whole
         mini-batch, the state the next window of the same stream starts from.
         """
-        xq, xk, xv = self._projections(x)
+        xq, xk, xv, _ = self._projections(x)
         xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))  # the inner loop runs in float32
         lr = self._lr(x)
         scale = self._token_scale()
@@ -332,9 +336,8 @@ class TTTLayer(keras.layers.Layer):
 
     def decode(self, x, state):
         """Tokens x [B,n,d] after `state`, with the primal form; returns (y, state)."""
-        if self.share_qk:
-            raise NotImplementedError("decoding with --ttt-share-qk keeps conv states; not supported yet")
-        xq, xk, xv = (ops.cast(t, "float32") for t in self._projections(x))
+        xq, xk, xv, history = self._projections(x, state["conv"])
+        xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))
         lr = self._lr(x)
         scale = self._token_scale()
         cos, sin = _rope_tables(self.mini_batch_size, self.head_dim, self.rope_theta)
@@ -356,7 +359,7 @@ class TTTLayer(keras.layers.Layer):
                 params = tuple(w - s * g for w, g in zip(params, grads))
                 grads = tuple(ops.zeros_like(g) for g in grads)
         y = self._output(x, ops.concatenate(outs, axis=2))
-        return y, {"params": params, "grads": grads, "position": position, "conv": None}
+        return y, {"params": params, "grads": grads, "position": position, "conv": history}
 
     def get_config(self):
         config = super().get_config()
