@@ -216,17 +216,18 @@ class TTTLayer(keras.layers.Layer):
         self.post_norm.build(input_shape)
         self.o_proj.build(input_shape)
         normal = keras.initializers.RandomNormal(stddev=self.initializer_range)
-        self.lr_weight = self.add_weight((h, self.d_model), normal, name="lr_weight")
-        self.lr_bias = self.add_weight((h,), "zeros", name="lr_bias")
-        self.token_offset = self.add_weight((k,), "zeros", name="token_offset")
-        self.ttt_gamma = self.add_weight((h, 1, f), "ones", name="ttt_norm_scale")
-        self.ttt_beta = self.add_weight((h, 1, f), "zeros", name="ttt_norm_bias")
+        # The inner loop runs in float32 under any policy: these weights are not autocast to bfloat16.
+        self.lr_weight = self.add_weight((h, self.d_model), normal, name="lr_weight", autocast=False)
+        self.lr_bias = self.add_weight((h,), "zeros", name="lr_bias", autocast=False)
+        self.token_offset = self.add_weight((k,), "zeros", name="token_offset", autocast=False)
+        self.ttt_gamma = self.add_weight((h, 1, f), "ones", name="ttt_norm_scale", autocast=False)
+        self.ttt_beta = self.add_weight((h, 1, f), "zeros", name="ttt_norm_bias", autocast=False)
         inner = f if self.kind == "linear" else 4 * f
-        self.w1 = self.add_weight((h, f, inner), normal, name="w1")
-        self.b1 = self.add_weight((h, 1, inner), "zeros", name="b1")
+        self.w1 = self.add_weight((h, f, inner), normal, name="w1", autocast=False)
+        self.b1 = self.add_weight((h, 1, inner), "zeros", name="b1", autocast=False)
         if self.kind == "mlp":
-            self.w2 = self.add_weight((h, inner, f), normal, name="w2")
-            self.b2 = self.add_weight((h, 1, f), "zeros", name="b2")
+            self.w2 = self.add_weight((h, inner, f), normal, name="w2", autocast=False)
+            self.b2 = self.add_weight((h, 1, f), "zeros", name="b2", autocast=False)
 
     # ---------------------------------------------------------------- pieces
 
