@@ -37,7 +37,6 @@ from ultimate_trainer.checkpoint.store import (
 from ultimate_trainer.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-URI_SCHEMES = ("s3://", "gs://", "az://", "https://")
 PROVIDER_OF_SCHEME = {"s3": "s3", "gs": "gcs", "az": "azure", "https": "azure"}
 # Per-file retries within one upload pass; a pass that still fails is retried after the next save.
 RETRIES = 3
@@ -142,9 +141,6 @@ class AzureBucket(Bucket):
                 credential = None
             service = BlobServiceClient(account_url=account_url, credential=credential)
         self.container = service.get_container_client(container)
-
-    def uri(self, key=""):
-        return f"az://{self.bucket}/{key}".rstrip("/")
 
     def upload(self, path, key):
         with open(path, "rb") as f:

@@ -254,7 +254,7 @@ def ttt_kwargs(model_cfg):
         return {}
     ttt = dict(kind=ttt_kind(m), mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
                use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk)
-    layers = None if m.ttt_layers is None else list(ttt_block_indices(m.num_layers, "x", m.ttt_layers))
+    layers = None if m.ttt_layers is None else list(ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers))
     return {"ttt": ttt, "ttt_layers": layers}
 
 
