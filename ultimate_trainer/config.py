@@ -111,6 +111,8 @@ class ModelConfig:
     ttt_base_lr: float = _opt(None, "TTT inner learning rate scale (default: 1.0 for linear, 0.1 for mlp).", type=float)
     ttt_use_gate: bool = _opt(False, "Gate the TTT output with GELU(x W_g), as in the paper's Mamba-style blocks.")
     ttt_share_qk: bool = _opt(False, "Share the TTT Q/K projection, with a causal depthwise conv (kernel 4) for each.")
+    ttt_backbone: str = _opt("transformer", "TTT block shape: `transformer` (pre-norm TTT + MLP) or `mamba`, the paper's \"(M)\" models: a causal conv before each TTT layer, shared Q/K and the output gate.", choices=["transformer", "mamba"])
+    state_passing: bool = _opt(False, "Carry each TTT layer's final inner state into the next window of the same stream (no gradient across windows); each batch row then reads its own contiguous stream, unshuffled.")
 
 
 @dataclasses.dataclass
@@ -118,6 +120,8 @@ class TrainingConfig:
     epochs: int = _opt(3, "Passes over the training data (unless --max-steps or --total-tokens).")
     batch_size: int = _opt(32, "Sequences per micro-batch.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    global_batch_size: int = _opt(None, "Sequences per optimizer step; sets --gradient-accumulation-steps to global / (batch x data-parallel devices).", type=int)
+    device_batch_sizes: str = _opt(None, "Per-device batch by device count, e.g. `1:16,4:32` (the entry for the most devices not above the count found applies); recipes use it with --global-batch-size.", type=str)
     learning_rate: float = _opt(5e-4, "Peak learning rate.")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to norms, biases or embeddings).")
     warmup_steps: int = _opt(500, "Linear warmup steps (capped at 10%% of the run when the run is shorter).")
@@ -451,7 +455,7 @@ def validate(cfg):
             f"(SwiGLU always gates with SiLU)"
         )
 
-    _validate_ttt(m, cfg.explicit, flags)
+    _validate_ttt(m, cfg.explicit, flags, cfg.loader)
     _positive(m.lora_rank, flags["lora_rank"])
     _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
     if m.use_lora:
@@ -470,6 +474,15 @@ def validate(cfg):
     _positive(t.total_tokens, flags["total_tokens"], allow_none=True)
     if t.max_steps is not None and t.total_tokens is not None:
         raise UserError("--max-steps and --total-tokens both set the run length; pass only one")
+    _positive(t.global_batch_size, flags["global_batch_size"], allow_none=True)
+    if t.global_batch_size and "training.gradient_accumulation_steps" in cfg.explicit:
+        raise UserError("--global-batch-size derives --gradient-accumulation-steps; pass only one of them")
+    if t.device_batch_sizes is not None:
+        if not t.global_batch_size:
+            raise UserError("--device-batch-sizes picks the per-device batch for --global-batch-size; add it")
+        parse_device_batch_sizes(t.device_batch_sizes)
+    if t.global_batch_size:
+        resolve_batch(t, 1)  # a global batch that one device cannot reach is wrong everywhere
     if t.optimizer != "adamw" and "training.weight_decay" in cfg.explicit and t.weight_decay:
         raise UserError(f"--weight-decay applies to --optimizer adamw only, not {t.optimizer}; drop one of them")
     for name in ("weight_decay", "warmup_steps", "grad_clip", "skip_nonfinite"):
@@ -542,19 +555,83 @@ def validate(cfg):
         raise UserError("--eval-only needs the checkpoint to evaluate: add --init-from CHECKPOINT")
 
 
+def parse_device_batch_sizes(text):
+    """`"1:16,4:32"` -> {1: 16, 4: 32}.
+
+    Example:
+        >>> parse_device_batch_sizes("1:16,4:32")
+        {1: 16, 4: 32}
+    """
+    table = {}
+    for item in str(text).split(","):
+        try:
+            devices, batch = (int(v) for v in item.split(":"))
+        except ValueError:
+            devices = batch = 0
+        if devices < 1 or batch < 1:
+            raise UserError(
+                f"--device-batch-sizes {text!r}: give DEVICES:BATCH pairs separated by commas, e.g. 1:16,4:32"
+            )
+        table[devices] = batch
+    return table
+
+
+def resolve_batch(training_cfg, data_parallel):
+    """Per-device batch and accumulation for `data_parallel` devices, as
+    --global-batch-size and --device-batch-sizes ask; sets them on
+    `training_cfg` and returns a line saying how, or None without
+    --global-batch-size.
+
+    Example (the TTT recipes: global 256, `1:16,2:16,4:32,8:32`): 8 devices
+    -> 32 x 1, 4 -> 32 x 2, 2 -> 16 x 8, 1 -> 16 x 16.
+    """
+    t = training_cfg
+    if not t.global_batch_size:
+        return None
+    if t.device_batch_sizes:
+        table = parse_device_batch_sizes(t.device_batch_sizes)
+        fitting = [d for d in table if d <= data_parallel]
+        t.batch_size = table[max(fitting)] if fitting else table[min(table)]
+    per_step = t.batch_size * data_parallel
+    if t.global_batch_size % per_step:
+        raise UserError(
+            f"--global-batch-size {t.global_batch_size} is not a multiple of --batch-size {t.batch_size} x "
+            f"{data_parallel} data-parallel device(s) = {per_step}; pick a global batch that is, or change --batch-size"
+        )
+    t.gradient_accumulation_steps = t.global_batch_size // per_step
+    return (f"global batch {t.global_batch_size} = {t.batch_size} per device x {data_parallel} device(s) x "
+            f"{t.gradient_accumulation_steps} accumulation steps")
+
+
 def ttt_kind(model_cfg):
     """`linear`, `mlp` or None: --ttt-layer-type without the recipes' `ttt_` prefix."""
     kind = model_cfg.ttt_layer_type
     return kind[4:] if kind and kind.startswith("ttt_") else kind
 
 
-def _validate_ttt(m, explicit, flags):
-    others = ("ttt_layers", "ttt_mini_batch_size", "ttt_base_lr", "ttt_use_gate", "ttt_share_qk")
+def _validate_ttt(m, explicit, flags, loader):
+    others = ("ttt_layers", "ttt_mini_batch_size", "ttt_base_lr", "ttt_use_gate", "ttt_share_qk", "ttt_backbone",
+              "state_passing")
     if not m.ttt_layer_type:
-        given = [flags[n] for n in others if f"model.{n}" in explicit]
+        given = [flags[n] for n in others if f"model.{n}" in explicit and getattr(m, n) not in (None, False)]
         if given:
             raise UserError(f"{given[0]} configures TTT layers; add --ttt-layer-type linear|mlp")
         return
+    if m.ttt_backbone == "mamba":
+        m.ttt_share_qk = m.ttt_use_gate = True
+    if m.state_passing:
+        if m.seq_len % m.ttt_mini_batch_size:
+            raise UserError(
+                f"--state-passing needs --seq-len ({m.seq_len}) to be a multiple of --ttt-mini-batch-size "
+                f"({m.ttt_mini_batch_size}), so each window ends on a whole inner step; "
+                f"try --seq-len {m.seq_len // m.ttt_mini_batch_size * m.ttt_mini_batch_size or m.ttt_mini_batch_size}"
+            )
+        if loader.stride not in (None, 1):
+            raise UserError(
+                f"--stride {loader.stride}: --state-passing reads each stream contiguously (each window starts "
+                f"at the previous window's last target); drop --stride"
+            )
+        loader.stride = 1
     _positive(m.ttt_mini_batch_size, flags["ttt_mini_batch_size"])
     _positive(m.ttt_base_lr, flags["ttt_base_lr"], allow_none=True)
     if m.ttt_layers is not None:

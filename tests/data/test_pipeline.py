@@ -143,3 +143,67 @@ def test_sentencepiece_streams_survive_reseeding_after_counting(tmp_path):
     keras.utils.set_random_seed(0)  # clears TF's kernel cache, as the trainer does after counting
     x, _ = next(iter(eval_dataset(source, tok, 8, 2)))
     np.testing.assert_array_equal(x.numpy()[0], (tok.encode(records[0]) + [tok.eos_id])[:8])
+
+
+# ---------------------------------------------------------------- state passing: one stream per row
+
+
+def _row_reference(records, bounds, seq_len):
+    """Each row's windows from numpy: its records' tokens, a window every seq_len tokens."""
+    rows = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        stream = []
+        for text in records[a:b]:
+            stream += list(text.encode("utf-8")) + [TOK.eos_id]
+        rows.append([stream[s : s + seq_len + 1] for s in range(0, len(stream) - seq_len, seq_len)])
+    return rows
+
+
+@pytest.mark.parametrize("as_list", [True, False])
+def test_row_streams_are_contiguous_and_resume_exactly(as_list):
+    from ultimate_trainer.data.pipeline import count_row_tokens, row_bounds, row_stream_dataset
+
+    class Reread:  # like sources.Records: iterated afresh by each pass, read through a generator
+        def __iter__(self):
+            return iter(records)
+
+        def __len__(self):
+            return len(records)
+
+    records = [f"document {i} " + "abc" * (i % 7) for i in range(23)]
+    source = records if as_list else Reread()
+    bounds = row_bounds(len(records), 3)
+    tokens = count_row_tokens(source, TOK, bounds)
+    reference = _row_reference(records, bounds, 8)
+    assert tokens == [sum(len(t.encode()) + 1 for t in records[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    per_row = min(windows_in(n, 9, 8) for n in tokens)
+    assert per_row == min(len(r) for r in reference)
+    ds = row_stream_dataset(source, TOK, 8, bounds, per_row)
+    batches = [(x.numpy(), y.numpy()) for x, y in ds.take(per_row + 2)]
+    for step, (x, y) in enumerate(batches):
+        for row in range(3):
+            want = np.array(reference[row][step % per_row])  # a new epoch restarts each stream
+            np.testing.assert_array_equal(x[row], want[:-1])
+            np.testing.assert_array_equal(y[row], want[1:])
+    again = [x.numpy() for x, _ in row_stream_dataset(source, TOK, 8, bounds, per_row, start_window=3 * 2).take(3)]
+    for got, (want, _) in zip(again, batches[2:5]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_shard_rows_are_contiguous_and_resume_exactly(tmp_path):
+    from ultimate_trainer.data.shards import TokenStore, prepare_shards, shard_row_dataset
+
+    records = [f"doc {i} " + "xyz" * (i % 5) for i in range(40)]
+    prepare_shards(tmp_path, TOK, {"train": records, "val": records[:3]}, "test", shard_tokens=97, log=lambda m: None)
+    store = TokenStore(tmp_path, "train")
+    flat = np.concatenate([np.asarray(a) for a in store.arrays]).astype("int32")
+    rows, seq_len = 4, 8
+    row_tokens = len(flat) // rows
+    per_row = windows_in(row_tokens, seq_len + 1, seq_len)
+    batches = [x.numpy() for x, _ in shard_row_dataset(store, seq_len, rows).take(per_row + 1)]
+    for step, x in enumerate(batches):
+        for row in range(rows):
+            start = row * row_tokens + (step % per_row) * seq_len
+            np.testing.assert_array_equal(x[row], flat[start : start + seq_len])
+    resumed = next(iter(shard_row_dataset(store, seq_len, rows, start_window=2 * rows)))[0].numpy()
+    np.testing.assert_array_equal(resumed, batches[2])

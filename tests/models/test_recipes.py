@@ -58,3 +58,32 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
     counts = sizing.count_params(32000, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
                                  tie_embeddings=True, ttt_layer_type="linear", ttt_mini_batch_size=16)
     assert counts.total > 0.85 * float(name.split("-")[1].replace("m", "e6").replace("b", "e9"))
+
+
+@pytest.mark.parametrize("devices, batch, accumulation", [(8, 32, 1), (4, 32, 2), (2, 16, 8), (1, 16, 16), (16, 32, 0)])
+def test_ttt_recipe_batch_adapts_to_the_device_count(devices, batch, accumulation):
+    from ultimate_trainer.config import resolve_batch, resolve_config
+    from ultimate_trainer.errors import UserError
+
+    t = resolve_config({"run.config": str(PRESETS / "ttt-125m.yaml")}).training
+    if not accumulation:  # 16 x 32 > 256: no accumulation count reaches the global batch
+        with pytest.raises(UserError, match="--global-batch-size 256 is not a multiple of --batch-size 32 x 16"):
+            resolve_batch(t, devices)
+        return
+    line = resolve_batch(t, devices)
+    assert (t.batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
+    assert line == f"global batch 256 = {batch} per device x {devices} device(s) x {accumulation} accumulation steps"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"training.global_batch_size": 100, "training.batch_size": 32}, "--global-batch-size 100 is not a multiple of"),
+    ({"training.global_batch_size": 64, "training.gradient_accumulation_steps": 2}, "derives --gradient-accumulation"),
+    ({"training.device_batch_sizes": "1:16"}, "--device-batch-sizes picks the per-device batch"),
+    ({"training.global_batch_size": 64, "training.device_batch_sizes": "one:16"}, "give DEVICES:BATCH pairs"),
+])
+def test_global_batch_errors(values, message):
+    from ultimate_trainer.config import resolve_config
+    from ultimate_trainer.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        resolve_config(values)

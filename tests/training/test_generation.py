@@ -29,7 +29,11 @@ def test_kv_cache_decoding_equals_full_recomputation(kwargs):
 
 
 @pytest.mark.backends
-@pytest.mark.parametrize("ttt", [{"kind": "linear", "mini_batch_size": 4}, {"kind": "mlp", "mini_batch_size": 4}])
+@pytest.mark.parametrize("ttt", [
+    {"kind": "linear", "mini_batch_size": 4}, {"kind": "mlp", "mini_batch_size": 4},
+    # the Mamba-style backbone: the pre-conv and the share-QK convs decode from their history
+    {"kind": "linear", "mini_batch_size": 4, "pre_conv": True, "share_qk": True, "use_gate": True},
+])
 def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):
     keras.utils.set_random_seed(0)
     model = CausalLM(vocab_size=50, seq_len=16, d_model=32, num_layers=2, num_heads=4, d_ff=48, ttt=ttt,

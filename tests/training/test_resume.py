@@ -18,13 +18,18 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.mark.parametrize("source", ["stream", "shards"])
-def test_resume_continues_with_identical_losses(tmp_path, source):
-    extra = []
+# With TTT state passing, the checkpoint must also restore each row's carried inner state
+# and the position in each row's stream.
+STATE_PASSING = ["--ttt-layer-type", "linear", "--ttt-mini-batch-size", "8", "--state-passing"]
+
+
+@pytest.mark.parametrize("source, ttt", [("stream", False), ("shards", False), ("stream", True)])
+def test_resume_continues_with_identical_losses(tmp_path, source, ttt):
+    extra = STATE_PASSING if ttt else []
     if source == "shards":
         data = tmp_path / "shards"
         assert run_cli(["prepare-data", "--data-dir", str(data), "--max-train-examples", "30"]).returncode == 0
-        extra = ["--data-dir", str(data)]
+        extra = [*extra, "--data-dir", str(data)]
     straight, split = tmp_path / "straight", tmp_path / "split"
     a = run_cli([*FLAGS, *extra, "--max-steps", "6", "--save-every", "100", "--output-dir", str(straight)])
     assert a.returncode == 0, a.stderr[-2000:]

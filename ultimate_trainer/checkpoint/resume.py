@@ -105,14 +105,16 @@ def read_state(checkpoint):
 
 # Training settings that change what the next batch or step means.
 _DATA_KEYS = (("training", "batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
-              ("model", "seq_len"), ("loader", "stride"), ("loader", "shuffle_buffer_size"))
+              ("model", "seq_len"), ("loader", "stride"), ("loader", "shuffle_buffer_size"),
+              ("model", "state_passing"))
 
 
 def check_resumable(cfg, checkpoint, state, inputs):
     """Refuses a resume whose data stream would not continue the checkpoint's."""
     saved = json.loads((Path(checkpoint) / "training_args.json").read_text())
     for section, key in _DATA_KEYS:
-        theirs, ours = saved[section][key], getattr(getattr(cfg, section), key)
+        ours = getattr(getattr(cfg, section), key)
+        theirs = saved[section].get(key, getattr(type(getattr(cfg, section))(), key))  # older runs: the default
         if theirs != ours:
             flag = "--" + key.replace("_", "-")
             raise UserError(

@@ -26,7 +26,8 @@ MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 # CausalLM config keys that may differ between a checkpoint and the model
 # that loads its weights: they change no weight's shape or meaning.
-FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention"}
+# state_passing_rows only sizes carried TTT states (variables, not weights); see `load_model_weights`.
+FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention", "state_passing_rows"}
 
 
 def _fsync_tree(directory):
@@ -231,7 +232,30 @@ def init_from(model, checkpoint_dir):
     """Loads a checkpoint's weights (not its optimizer) into `model`; the architectures must match."""
     check_architecture(model, checkpoint_dir)
     verify_checkpoint(checkpoint_dir, "--init-from")
-    model.load_weights(Path(checkpoint_dir) / MODEL_FILE)
+    load_model_weights(model, checkpoint_dir)
+
+
+def load_model_weights(model, checkpoint_dir):
+    """`model.load_weights` of a checkpoint, also across TTT state passing on/off
+    (or another batch): the carried states are then left at their start."""
+    directory = Path(checkpoint_dir)
+    args = json.loads((directory / "training_args.json").read_text())
+    rows = args["training"]["batch_size"] if args["model"].get("state_passing") else None
+    if rows == model.state_passing_rows:
+        model.load_weights(directory / MODEL_FILE)
+        return
+    from ultimate_trainer.models.causal_lm import CausalLM
+
+    donor = CausalLM.from_config(dict(model.get_config(), state_passing_rows=rows))
+    donor.build((None, model.seq_len))
+    donor.load_weights(directory / MODEL_FILE)
+
+    def learned(m):
+        carried = {id(v) for vs in m.carried for v in vs}
+        return [v for v in m.weights if id(v) not in carried and not v.path.endswith("stream_step")]
+
+    for mine, value in zip(learned(model), learned(donor), strict=True):
+        mine.assign(value)
 
 
 def rng_state(model):

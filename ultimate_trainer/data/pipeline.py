@@ -13,6 +13,8 @@ uninterrupted stream yields from window n on: it skips whole epochs at the
 record level and re-packs only the current block's epoch up to n.
 """
 
+import itertools
+
 import tensorflow as tf
 
 
@@ -60,14 +62,22 @@ def _chunks(records):
         yield chunk
 
 
-def _records_dataset(records):
-    """A dataset of the records' strings; a list is embedded, anything else
+def _records_dataset(records, start=None, stop=None):
+    """A dataset of the records' strings (those from index `start` to `stop`, a
+    scalar tensor each, when given); a list is embedded, anything else
     (`sources.Records`) is iterated afresh by each pass, so memory stays flat."""
     if isinstance(records, (list, tuple)):
-        return tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string))
-    chunks = tf.data.Dataset.from_generator(
-        lambda: _chunks(records), output_signature=tf.TensorSpec([None], tf.string)
-    )
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(records), tf.string))
+        return ds if start is None else ds.skip(start).take(stop - start)
+    if start is None:
+        chunks = tf.data.Dataset.from_generator(
+            lambda: _chunks(records), output_signature=tf.TensorSpec([None], tf.string)
+        )
+    else:
+        chunks = tf.data.Dataset.from_generator(
+            lambda a, b: _chunks(itertools.islice(records, int(a), int(b))), args=(start, stop),
+            output_signature=tf.TensorSpec([None], tf.string),
+        )
     return chunks.unbatch()
 
 
@@ -159,6 +169,65 @@ def eval_dataset(records, tokenizer, seq_len, batch_size):
     return ds.batch(batch_size).map(_split).prefetch(tf.data.AUTOTUNE)
 
 
+# ---------------------------------------------------------------- state passing: one stream per batch row
+
+
+def row_bounds(num_records, rows):
+    """Record index bounds of `rows` contiguous, near-equal slices of the records.
+
+    Example:
+        >>> row_bounds(10, 3)
+        [0, 3, 6, 10]
+    """
+    return [r * num_records // rows for r in range(rows + 1)]
+
+
+def count_row_tokens(records, tokenizer, bounds):
+    """Tokens in each row's slice of the records (`row_bounds`), in one pass."""
+    edges = tf.constant(bounds[1:-1], tf.int64)
+    rows = len(bounds) - 1
+    sizes = _tokenize(_records_dataset(records), tokenizer).map(lambda t: tf.size(t, tf.int64)).enumerate()
+
+    def add(totals, item):
+        index, size = item
+        row = tf.searchsorted(edges, tf.reshape(index, [1]), side="right")[0]
+        return totals + size * tf.one_hot(row, rows, dtype=tf.int64)
+
+    return [int(n) for n in sizes.reduce(tf.zeros([rows], tf.int64), add)]
+
+
+def row_stream_dataset(records, tokenizer, seq_len, bounds, windows_per_row, start_window=0):
+    """Endless batches `(inputs, targets)` `[rows, seq_len]` for TTT state passing:
+    row r reads its own slice of the records (`row_bounds`) as one contiguous
+    stream, each window starting at the previous one's last target, in order
+    (no shuffle); every epoch restarts each stream and reads `windows_per_row`
+    windows of it. Global window n is row n % rows of step n // rows.
+
+    Example:
+        bounds = row_bounds(len(records), 4)
+        per_row = min(windows_in(n, 9, 8) for n in count_row_tokens(records, tok, bounds))
+        x, y = next(iter(row_stream_dataset(records, tok, 8, bounds, per_row)))  # [4, 8] each
+    """
+    rows = len(bounds) - 1
+    window, step = window_step(seq_len, 1)
+    per_epoch = windows_per_row * rows
+    first_epoch, offset = divmod(start_window, per_epoch)
+    skip_steps = offset // rows
+    starts, stops = tf.constant(bounds[:-1], tf.int64), tf.constant(bounds[1:], tf.int64)
+
+    def epoch(e):
+        skip = tf.where(e == first_epoch, tf.constant(skip_steps, tf.int64), tf.constant(0, tf.int64))
+
+        def row(r):
+            text = _records_dataset(records, starts[r], stops[r])
+            return pack(_tokenize(text, tokenizer), window, step).take(windows_per_row).skip(skip)
+
+        return tf.data.Dataset.range(rows).interleave(row, cycle_length=rows, block_length=1)
+
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    return ds.batch(rows, drop_remainder=True).map(_split).prefetch(tf.data.AUTOTUNE)
+
+
 def stream_state(next_window, windows_per_epoch, seed, shuffle_buffer_size):
     """The pipeline's position as stored in a checkpoint."""
     return {
@@ -168,4 +237,17 @@ def stream_state(next_window, windows_per_epoch, seed, shuffle_buffer_size):
         "windows_per_epoch": int(windows_per_epoch),
         "seed": int(seed),
         "shuffle": {"kind": "block", "block_size": int(min(shuffle_buffer_size, windows_per_epoch))},
+    }
+
+
+def row_state(kind, next_window, windows_per_epoch, rows):
+    """The position of a state-passing input (`kind` stream or shards, one stream
+    per row) as stored in a checkpoint."""
+    return {
+        "kind": kind,
+        "next_window": int(next_window),
+        "epoch": int(next_window // windows_per_epoch),
+        "windows_per_epoch": int(windows_per_epoch),
+        "rows": int(rows),
+        "shuffle": {"kind": "none"},
     }

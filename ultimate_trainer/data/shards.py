@@ -206,6 +206,14 @@ def shard_train_dataset(store, seq_len, batch_size, stride=None, seed=0, start_w
         shuffled = tf.random.experimental.index_shuffle(index, seed=seed_pair, max_index=per_epoch - 1)
         return tf.cast(shuffled, tf.int64) * step
 
+    return _batches_at(store, offsets, start_window, batch_size, window)
+
+
+def _batches_at(store, offsets, start_window, batch_size, window):
+    """Endless batches of the windows that start at token `offsets(n)` for global
+    windows n = start_window, start_window + 1, ..., read from the memmap."""
+    import tensorflow as tf
+
     def read(batch_offsets):
         rows = tf.numpy_function(lambda o: store.read(o, window), [batch_offsets], tf.int32)
         rows.set_shape([batch_size, window])
@@ -213,6 +221,30 @@ def shard_train_dataset(store, seq_len, batch_size, stride=None, seed=0, start_w
 
     ds = tf.data.Dataset.range(start_window, 2**62).map(offsets).batch(batch_size, drop_remainder=True)
     return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def shard_row_dataset(store, seq_len, rows, start_window=0):
+    """Endless batches `(inputs, targets)` `[rows, seq_len]` for TTT state passing:
+    the split's tokens cut into `rows` contiguous streams, row r reading
+    stream r in order, each window starting at the previous one's last target;
+    each epoch restarts the streams. Global window n is row n % rows of step
+    n // rows, so resuming at window n costs nothing."""
+    from ultimate_trainer.data.pipeline import window_step, windows_in
+
+    window, step = window_step(seq_len, 1)
+    row_tokens = store.total // rows
+    per_row = windows_in(row_tokens, window, step)
+    if per_row < 1:
+        raise UserError(
+            f"--state-passing: the shards' {store.total:,} tokens cut into {rows} streams (one per batch row) "
+            f"leave fewer than one window of {window} tokens each; lower --batch-size or --seq-len"
+        )
+
+    def offsets(n):
+        r = n % (per_row * rows)
+        return (r % rows) * row_tokens + (r // rows) * step
+
+    return _batches_at(store, offsets, start_window, rows, window)
 
 
 def shard_eval_dataset(store, seq_len, batch_size):

@@ -19,6 +19,15 @@ class CausalLM(keras.Model):
     projections that write into the residual stream start from
     normal(0.02 / sqrt(2 * num_layers)), as in GPT-2.
 
+    TTT state passing (`state_passing_rows=B`): in training, each TTT block
+    starts a batch's row b from where the previous batch's row b ended (its
+    final inner weights, no gradient across batches), so the input must
+    give each row its own contiguous stream. The carried states are
+    non-trainable variables, not parameters; they reset to the learned
+    initial weights every `stream_windows` batches (each stream's length,
+    set by the trainer; None: never after the first). Evaluation and
+    generation never read or change them.
+
     Example:
         >>> model = CausalLM(vocab_size=258, seq_len=64, d_model=128,
         ...                  num_layers=2, num_heads=4, d_ff=512)
@@ -44,9 +53,13 @@ class CausalLM(keras.Model):
         flash_attention=None,
         ttt=None,
         ttt_layers=None,
+        state_passing_rows=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.state_passing_rows = state_passing_rows
+        # Batches per stream: a data property, not config; set before the first training step, which compiles it in.
+        self.stream_windows = None
         self.ttt = dict(ttt) if ttt else None  # TTTLayer arguments for the TTT blocks
         self.ttt_layers = list(ttt_layers) if ttt_layers is not None else None
         ttt_blocks = set(range(num_layers) if self.ttt and ttt_layers is None else (ttt_layers or ()))
@@ -111,9 +124,29 @@ class CausalLM(keras.Model):
         for block in self.blocks:
             block.build(hidden)
         self.final_norm.build(hidden)
+        self.carried = []
+        if self.state_passing_rows:
+            rows = self.state_passing_rows
+            self.stream_step = self.add_weight((), "zeros", dtype="int32", trainable=False, name="stream_step")
+            for i, block in enumerate(self.blocks):
+                self.carried.append([
+                    self.add_weight(tuple(t.shape), "zeros", trainable=False, autocast=False,
+                                    name=f"carried_state_{i}_{j}")
+                    for j, t in enumerate(block.window_state(rows))
+                ])
         self.built = True
 
+    @property
+    def carried_state_size(self):
+        """Values in the carried TTT states (`state_passing_rows`) and their step counter:
+        variables, not parameters."""
+        if not self.state_passing_rows:
+            return 0
+        return 1 + sum(math.prod(v.shape) for vs in self.carried for v in vs)
+
     def call(self, token_ids, training=None):
+        if training and self.state_passing_rows:
+            return self._call_carrying_state(token_ids)
         x = self.token_embedding(token_ids)
         if self.position_embedding is not None:
             x = x + self.position_embedding(x)
@@ -133,21 +166,51 @@ class CausalLM(keras.Model):
             logits, states = model.call_with_state(window_1)
             logits, states = model.call_with_state(window_2, states)
         """
+        if states is not None:  # truncated backpropagation: no gradient into an earlier window
+            states = [None if st is None else tuple(ops.stop_gradient(t) for t in st) for st in states]
+        return self._windowed(token_ids, states)
+
+    def _windowed(self, token_ids, states, training=None):
         x = self.token_embedding(token_ids)
         if self.position_embedding is not None:
             x = x + self.position_embedding(x)
+        x = self.embedding_dropout(x, training=training)
         states = list(states) if states is not None else [None] * len(self.blocks)
         new_states = []
         for block, state in zip(self.blocks, states):
-            x, state = block(x, ttt_state=state, return_state=True)
+            x, state = block(x, training=training, ttt_state=state, return_state=True)
             new_states.append(state)
         logits = self.token_embedding(self.final_norm(x), reverse=True)
         return ops.cast(logits, "float32"), new_states
 
+    def _call_carrying_state(self, token_ids):
+        rows = ops.shape(token_ids)[0]
+        if isinstance(rows, int) and rows != self.state_passing_rows:
+            raise ValueError(
+                f"state passing carries {self.state_passing_rows} streams but the batch has {rows} rows; "
+                f"train with batches of exactly {self.state_passing_rows}")
+        step = self.stream_step.value
+        reset = ops.equal(step, 0) if not self.stream_windows else ops.equal(step % self.stream_windows, 0)
+        states = []
+        for block, carried in zip(self.blocks, self.carried):
+            if not carried:
+                states.append(None)
+                continue
+            # A new stream starts from the learned weights (and learns them); a
+            # continuing one from the carried values, which have no gradient.
+            states.append(tuple(ops.where(reset, start, ops.stop_gradient(var.value))
+                                for start, var in zip(block.window_state(self.state_passing_rows), carried)))
+        logits, new_states = self._windowed(token_ids, states, training=True)
+        for carried, state in zip(self.carried, new_states):
+            for var, value in zip(carried, state or ()):
+                var.assign(ops.stop_gradient(ops.cast(value, "float32")))
+        self.stream_step.assign(step + 1)
+        return logits
+
     def initial_decode_state(self, batch_size):
         """Per block: a TTT layer's decoding state, or an attention block's KV cache."""
         cache = self.empty_cache(batch_size)
-        return [block.ttt.initial_state(batch_size) if block.ttt is not None else cache[:, i]
+        return [block.initial_decode_state(batch_size) if block.ttt is not None else cache[:, i]
                 for i, block in enumerate(self.blocks)]
 
     def decode(self, token_ids, states, position):
@@ -166,9 +229,7 @@ class CausalLM(keras.Model):
         new_states = []
         for block, state in zip(self.blocks, states):
             if block.ttt is not None:
-                mixed, state = block.ttt.decode(block.attention_norm(x), state)
-                x = x + mixed
-                x = x + block.mlp(block.mlp_norm(x))
+                x, state = block.decode(x, state)
             else:
                 x, state = block(x, cache=state, cache_index=position)
             new_states.append(state)
@@ -218,6 +279,7 @@ class CausalLM(keras.Model):
             flash_attention=self.flash_attention,
             ttt=self.ttt,
             ttt_layers=self.ttt_layers,
+            state_passing_rows=self.state_passing_rows,
         )
         return config
 
@@ -253,13 +315,14 @@ def ttt_kwargs(model_cfg):
     if not m.ttt_layer_type:
         return {}
     ttt = dict(kind=ttt_kind(m), mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
-               use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk)
+               use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk, pre_conv=m.ttt_backbone == "mamba")
     layers = None if m.ttt_layers is None else list(ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers))
     return {"ttt": ttt, "ttt_layers": layers}
 
 
-def build_causal_lm(model_cfg, vocab_size):
-    """Builds a `CausalLM` from a `ModelConfig`, weights created."""
-    model = CausalLM(**model_kwargs(model_cfg, vocab_size), name="causal_lm")
+def build_causal_lm(model_cfg, vocab_size, state_passing_rows=None):
+    """Builds a `CausalLM` from a `ModelConfig`, weights created; with
+    `state_passing_rows`, it carries TTT states for batches of that many rows."""
+    model = CausalLM(**model_kwargs(model_cfg, vocab_size), state_passing_rows=state_passing_rows, name="causal_lm")
     model.build((None, model_cfg.seq_len))
     return model

@@ -62,13 +62,16 @@ def count_params(
     ttt_use_gate=False,
     ttt_share_qk=False,
     ttt_conv_kernel=4,
+    ttt_pre_conv=False,
 ):
     """Exact parameter count of the model `CausalLM` builds for these flags.
 
     With `lora_rank`, adapters of that rank on `lora_targets` (names from
     `models/lora.py`) are added and become the only trainable weights. With
     `ttt_layer_type`, the blocks `ttt_layers` names (all when None) have a
-    TTT layer (`ttt_params`) where the others have attention.
+    TTT layer (`ttt_params`) where the others have attention; `ttt_pre_conv`
+    (the Mamba-style backbone) adds a causal conv before each of them: an
+    RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel.
 
     Example:
         >>> count_params(258, 128, 6, 4, 512, 256).total
@@ -84,6 +87,7 @@ def count_params(
     ttt_extra = n_ttt * (
         ttt_params(d_model, num_heads, ttt_layer_type, ttt_mini_batch_size, ttt_use_gate, ttt_share_qk, ttt_conv_kernel)
         - attention
+        + (d_model * (ttt_conv_kernel + 2) if ttt_pre_conv else 0)
     ) if n_ttt else 0
     token_embedding = vocab_size * d_model
     position_embedding = 0 if use_rope else seq_len * d_model

@@ -1,12 +1,15 @@
 """One pre-norm decoder block: x + mix(norm(x)), then x + mlp(norm(x)).
 
-The sequence mixer is causal self-attention, or a TTT layer (`ttt` config).
+The sequence mixer is causal self-attention, or a TTT layer (`ttt` config);
+a TTT block with `pre_conv` (the paper's Mamba-style backbone) first adds a
+causal convolution: x + conv(norm(x)).
 """
 
 import keras
 
 from ultimate_trainer.models.attention import CausalSelfAttention
 from ultimate_trainer.models.feed_forward import FeedForward
+from ultimate_trainer.models.pre_conv import PreConv
 from ultimate_trainer.models.ttt import TTTLayer
 
 
@@ -72,8 +75,12 @@ class TransformerBlock(keras.layers.Layer):
         self.attention_norm = make_norm(use_rmsnorm, "attention_norm", self.dtype_policy)
         self.attention = None
         self.ttt = None
+        self.pre_conv = None
         if self.ttt_config:
-            # `ttt` holds TTTLayer arguments: kind, mini_batch_size, base_lr, use_gate, share_qk.
+            # `ttt` holds TTTLayer arguments (kind, mini_batch_size, base_lr, use_gate, share_qk) and pre_conv.
+            layer_args = {k: v for k, v in self.ttt_config.items() if k != "pre_conv"}
+            if self.ttt_config.get("pre_conv"):
+                self.pre_conv = PreConv(num_heads * head_dim, dtype=self.dtype_policy, name="pre_conv")
             self.ttt = TTTLayer(
                 d_model=num_heads * head_dim,
                 num_heads=num_heads,
@@ -81,7 +88,7 @@ class TransformerBlock(keras.layers.Layer):
                 output_initializer_range=output_initializer_range,
                 dtype=self.dtype_policy,
                 name="ttt",
-                **self.ttt_config,
+                **layer_args,
             )
         else:
             self.attention = CausalSelfAttention(
@@ -112,18 +119,33 @@ class TransformerBlock(keras.layers.Layer):
         return self.ttt if self.ttt is not None else self.attention
 
     def build(self, input_shape):
-        for layer in (self.attention_norm, self.mixer, self.mlp_norm, self.mlp):
-            layer.build(input_shape)
+        for layer in (self.pre_conv, self.attention_norm, self.mixer, self.mlp_norm, self.mlp):
+            if layer is not None:
+                layer.build(input_shape)
         self.built = True
 
+    def window_state(self, batch):
+        """A TTT block's state at the start of a stream (a flat tuple; see
+        `TTTLayer.window_state`), or () for an attention block."""
+        if self.ttt is None:
+            return ()
+        pre = (self.pre_conv.empty_history(batch),) if self.pre_conv is not None else ()
+        return pre + self.ttt.window_state(batch)
+
     def call(self, x, training=None, cache=None, cache_index=0, ttt_state=None, return_state=False):
-        if return_state:  # TTT state passing: (x, the TTT layer's final inner weights, or None)
+        if return_state:  # TTT state passing: (x, the block's state after this window, or None)
             if self.ttt is None:
                 return self.call(x, training=training), None
+            pre_state = ()
+            if self.pre_conv is not None:
+                conv, history = self.pre_conv(x, None if ttt_state is None else ttt_state[0], return_history=True)
+                x, pre_state, ttt_state = x + conv, (history,), None if ttt_state is None else ttt_state[1:]
             mixed, state = self.ttt(self.attention_norm(x), state=ttt_state, return_state=True)
             x = x + self.dropout(mixed, training=training)
-            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training), state
+            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training), pre_state + state
         if cache is None:
+            if self.pre_conv is not None:
+                x = x + self.pre_conv(x)
             x = x + self.dropout(self.mixer(self.attention_norm(x)), training=training)
             return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
         if self.ttt is not None:
@@ -131,6 +153,20 @@ class TransformerBlock(keras.layers.Layer):
         attended, cache = self.attention(self.attention_norm(x), cache=cache, cache_index=cache_index)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), cache
+
+    def initial_decode_state(self, batch):
+        """A TTT block's decoding state: the TTT layer's and the pre-conv's history."""
+        return {"ttt": self.ttt.initial_state(batch), "pre_conv": None}
+
+    def decode(self, x, state):
+        """Tokens x after `state` (`initial_decode_state`) through a TTT block; returns (x, state)."""
+        history = state["pre_conv"]
+        if self.pre_conv is not None:
+            conv, history = self.pre_conv(x, history, return_history=True)
+            x = x + conv
+        mixed, ttt_state = self.ttt.decode(self.attention_norm(x), state["ttt"])
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), {"ttt": ttt_state, "pre_conv": history}
 
     def get_config(self):
         config = super().get_config()

@@ -280,13 +280,16 @@ class TTTLayer(keras.layers.Layer):
     # ---------------------------------------------------------------- forward
 
     def call(self, x, state=None, return_state=False):
-        """`state`: inner weights to start from (a tuple as `return_state` gives,
-        taken as constants: no gradient flows into an earlier window); by
-        default the layer's learned initial weights. With `return_state`,
-        returns `(y, state)`: the inner weights after the last whole
-        mini-batch, the state the next window of the same stream starts from.
+        """`state`: where the previous window of the same stream left off (a tuple
+        as `return_state` gives, see `window_state`); by default the start of a
+        stream. Gradients flow into a given state: stop them for truncated
+        backpropagation. With `return_state`, returns `(y, state)`: the inner
+        weights after the last whole mini-batch (and the share-QK convs' last
+        inputs), the state the next window starts from.
         """
-        xq, xk, xv, _ = self._projections(x)
+        n_params = 2 if self.kind == "linear" else 4
+        history = state[n_params] if state is not None and self.share_qk else None
+        xq, xk, xv, history = self._projections(x, history)
         xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))  # the inner loop runs in float32
         lr = self._lr(x)
         scale = self._token_scale()
@@ -297,7 +300,7 @@ class TTTLayer(keras.layers.Layer):
         if state is None:
             params = tuple(ops.cast(p, "float32") for p in self._params(ops.shape(x)[0]))
         else:
-            params = tuple(ops.stop_gradient(ops.cast(p, "float32")) for p in state)
+            params = tuple(ops.cast(p, "float32") for p in state[:n_params])
         outputs = []
         if full:
             m = full // k
@@ -333,7 +336,17 @@ class TTTLayer(keras.layers.Layer):
             outputs.append(q + layer_norm(z, gamma, beta))
         z = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2)
         y = self._output(x, z)
-        return (y, params) if return_state else y
+        if not return_state:
+            return y
+        return y, params + ((ops.cast(history, "float32"),) if self.share_qk else ())
+
+    def window_state(self, batch):
+        """The state at the start of a stream, in the form `call(state=...)`
+        takes: the learned inner weights per row (and zeroed conv history)."""
+        params = tuple(ops.cast(p, "float32") for p in self._params(batch))
+        if self.share_qk:
+            params += (ops.zeros((batch, self.conv_kernel - 1, self.d_model), "float32"),)
+        return params
 
     def decode(self, x, state):
         """Tokens x [B,n,d] after `state`, with the primal form; returns (y, state)."""

@@ -45,6 +45,7 @@ def model_summary(model_cfg, vocab_size):
         ttt_mini_batch_size=m.ttt_mini_batch_size,
         ttt_use_gate=m.ttt_use_gate,
         ttt_share_qk=m.ttt_share_qk,
+        ttt_pre_conv=m.ttt_backbone == "mamba",
     )
     ttt_blocks = sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers)
     architecture = {
@@ -68,7 +69,8 @@ def model_summary(model_cfg, vocab_size):
         else None,
         "init_from": m.init_from,
         "ttt": {"kind": ttt_kind(m), "blocks": list(ttt_blocks), "mini_batch_size": m.ttt_mini_batch_size,
-                "base_lr": m.ttt_base_lr, "use_gate": m.ttt_use_gate, "share_qk": m.ttt_share_qk}
+                "base_lr": m.ttt_base_lr, "use_gate": m.ttt_use_gate, "share_qk": m.ttt_share_qk,
+                "backbone": m.ttt_backbone, "state_passing": m.state_passing}
         if ttt_blocks
         else None,
     }
@@ -108,6 +110,12 @@ def make_plan(cfg, tokenizer, inputs):
     eval_batches = eval_batches_for(val_windows, t.batch_size, cfg.output.eval_steps)
 
     notes = []
+    if getattr(inputs, "rows", None):
+        notes.append(
+            f"--state-passing: each of the {inputs.rows} batch rows reads its own contiguous stream of the training "
+            f"data, {inputs.windows_per_row:,} windows per epoch, in order (not shuffled); TTT states carry over "
+            f"between its windows and restart with each epoch"
+        )
     if t.max_steps:
         total_steps = t.max_steps
         rule = f"--max-steps {t.max_steps}"
@@ -199,7 +207,8 @@ def format_plan(plan):
         + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
         f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
         + (f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} of {a['num_layers']} blocks "
-           f"(mini-batch {a['ttt']['mini_batch_size']})" if a.get("ttt") else ""),
+           f"(mini-batch {a['ttt']['mini_batch_size']}, {a['ttt']['backbone']} backbone"
+           f"{', state passing' if a['ttt']['state_passing'] else ''})" if a.get("ttt") else ""),
         f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable"
         + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else ""),
         f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "

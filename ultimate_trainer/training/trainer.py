@@ -38,6 +38,10 @@ def train(cfg):
     if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
 
+    # One data-parallel replica until keras.distribution lands (issue #9).
+    batch_line = config_lib.resolve_batch(cfg.training, data_parallel=1)
+    if batch_line and not cfg.run.json:
+        say(batch_line)
     tokenizer, inputs = load_inputs(cfg)
     plan = make_plan(cfg, tokenizer, inputs)
     devices = backend_lib.describe_devices()
@@ -104,6 +108,7 @@ def load_inputs(cfg):
     from ultimate_trainer.data.inputs import ShardInputs, StreamInputs
 
     m = cfg.model
+    rows = cfg.training.batch_size if m.state_passing else None  # TTT state passing: one stream per batch row
     if cfg.data.data_dir:
         meta = shards.read_meta(cfg.data.data_dir)
         if cfg.tokenizer.tokenizer_path:
@@ -111,7 +116,7 @@ def load_inputs(cfg):
         else:
             tokenizer = tokenizers.load_tokenizer(cfg.data.data_dir)
         shards.check_tokenizer(meta, tokenizer, cfg.data.data_dir)
-        return tokenizer, ShardInputs(cfg.data.data_dir, meta, m.seq_len, cfg.loader.stride)
+        return tokenizer, ShardInputs(cfg.data.data_dir, meta, m.seq_len, cfg.loader.stride, rows)
     train_records, val_records, source_name = sources.open_records(cfg.data)
     tokenizer = tokenizers.make_tokenizer(
         cfg.tokenizer, train_records, val_records, Path(cfg.output.output_dir), None if cfg.run.json else say,
@@ -119,7 +124,7 @@ def load_inputs(cfg):
     )
     inputs = StreamInputs(
         train_records, val_records, tokenizer, source_name, m.seq_len, cfg.loader.stride,
-        cfg.loader.shuffle_buffer_size,
+        cfg.loader.shuffle_buffer_size, rows,
     )
     return tokenizer, inputs
 
@@ -204,7 +209,10 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         say("precision: bfloat16 compute, float32 weights")
     _say_attention_path(m, devices)
 
-    model = build_causal_lm(m, tokenizer.vocab_size)
+    model = build_causal_lm(m, tokenizer.vocab_size, state_passing_rows=t.batch_size if m.state_passing else None)
+    if m.state_passing:
+        # Each stream holds this many windows; the carried states restart with the streams every epoch.
+        model.stream_windows = inputs.windows_per_row
     if m.init_from:
         init_from(model, m.init_from)
         say(f"initialised from {m.init_from}")
@@ -216,9 +224,10 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         def write_extra(directory):
             lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
     trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
-    if (model.count_params(), trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
+    params = model.count_params() - model.carried_state_size  # carried TTT states are variables, not parameters
+    if (params, trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
         raise RuntimeError(
-            f"built model has {model.count_params():,} parameters ({trainable:,} trainable) but "
+            f"built model has {params:,} parameters ({trainable:,} trainable) but "
             f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
             f"the formula and the model have drifted apart"
         )
