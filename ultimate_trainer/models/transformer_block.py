@@ -1,12 +1,14 @@
 """One pre-norm decoder block: x + mix(norm(x)), then x + mlp(norm(x)).
 
-The sequence mixer is causal self-attention, or a TTT layer (`ttt` config).
+The sequence mixer is causal self-attention, or a TTT layer (`ttt` config);
+the feed-forward layer is the dense MLP, or a mixture of experts (`moe` config).
 """
 
 import keras
 
 from ultimate_trainer.models.attention import CausalSelfAttention
 from ultimate_trainer.models.feed_forward import FeedForward
+from ultimate_trainer.models.moe import MoEFeedForward
 from ultimate_trainer.models.ttt import TTTLayer
 
 
@@ -52,10 +54,12 @@ class TransformerBlock(keras.layers.Layer):
         initializer_range=0.02,
         output_initializer_range=0.02,
         ttt=None,
+        moe=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.ttt_config = dict(ttt) if ttt else None
+        self.moe_config = dict(moe) if moe else None
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.d_ff = d_ff
@@ -96,14 +100,16 @@ class TransformerBlock(keras.layers.Layer):
                 name="attention",
             )
         self.mlp_norm = make_norm(use_rmsnorm, "mlp_norm", self.dtype_policy)
-        self.mlp = FeedForward(
+        # `moe` holds MoEFeedForward arguments: num_experts, top_k, capacity_factor, aux/z loss coefs.
+        self.mlp = (MoEFeedForward if self.moe_config else FeedForward)(
             hidden_dim=d_ff,
             use_swiglu=use_swiglu,
             activation=activation,
             initializer_range=initializer_range,
             output_initializer_range=output_initializer_range,
             dtype=self.dtype_policy,
-            name="mlp",
+            name="moe" if self.moe_config else "mlp",
+            **(self.moe_config or {}),
         )
         self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
 
@@ -148,5 +154,6 @@ class TransformerBlock(keras.layers.Layer):
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
             ttt=self.ttt_config,
+            moe=self.moe_config,
         )
         return config
