@@ -642,14 +642,13 @@ def _validate_ttt(m, explicit, flags):
 
 def _validate_moe(m, explicit, flags):
     others = ("experts_top_k", "moe_every", "capacity_factor", "router_aux_loss_coef", "router_z_loss_coef")
+    if m.num_experts is None or m.num_experts < 0:
+        raise UserError(f"--num-experts must be zero (dense) or positive, got {m.num_experts}")
     if not m.num_experts:
         given = [flags[n] for n in others if f"model.{n}" in explicit]
         if given:
             raise UserError(f"{given[0]} configures mixture-of-experts layers; add --num-experts N")
-        if m.num_experts is None or m.num_experts < 0:
-            raise UserError(f"--num-experts must be zero (dense) or positive, got {m.num_experts}")
         return
-    _positive(m.num_experts, flags["num_experts"])
     if not 1 <= m.experts_top_k <= m.num_experts:
         raise UserError(
             f"--experts-top-k {m.experts_top_k} must lie between 1 and --num-experts {m.num_experts}"

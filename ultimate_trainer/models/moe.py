@@ -143,7 +143,9 @@ class MoEFeedForward(keras.layers.Layer):
         """(router logits [b, s, E] float32, top-k expert ids [b, s, k], their
         renormalised weights [b, s, k] float32)."""
         logits = self.router(x)
-        top_p, top_i = ops.top_k(ops.softmax(logits, axis=-1), self.top_k)
+        # One expert takes every token with weight 1 (Keras warns about a softmax over one entry).
+        probs = ops.ones_like(logits) if self.num_experts == 1 else ops.softmax(logits, axis=-1)
+        top_p, top_i = ops.top_k(probs, self.top_k)
         return logits, top_i, top_p / ops.sum(top_p, axis=-1, keepdims=True)
 
     def call(self, x, training=None):
@@ -191,7 +193,8 @@ class MoEFeedForward(keras.layers.Layer):
         e = self.num_experts
         counts = ops.cast(ops.sum(onehot, axis=(0, 1)), "float32")  # [E], before dropping
         fraction = counts / ops.sum(counts)
-        mean_prob = ops.mean(ops.reshape(ops.softmax(logits, axis=-1), (-1, e)), axis=0)
+        probs = ops.ones_like(logits) if e == 1 else ops.softmax(logits, axis=-1)
+        mean_prob = ops.mean(ops.reshape(probs, (-1, e)), axis=0)
         aux = e * ops.sum(fraction * mean_prob)
         z = ops.mean(ops.square(ops.logsumexp(logits, axis=-1)))
         terms = []
