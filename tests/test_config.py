@@ -179,7 +179,7 @@ def test_recipe_choice_values_are_checked(tmp_path):
 
 
 def test_flags_that_would_be_ignored_are_refused(tmp_path):
-    with pytest.raises(UserError, match="--weight-decay applies to --optimizer adamw only, not sgd"):
+    with pytest.raises(UserError, match="--weight-decay applies to --optimizer adamw and muon only, not sgd"):
         resolve_config({"training.optimizer": "sgd", "training.weight_decay": 0.1})
     assert resolve_config({"training.optimizer": "sgd"}).training.optimizer == "sgd"
     with pytest.raises(UserError, match="--shuffle-buffer-size applies to streaming"):

@@ -19,6 +19,7 @@ override with --peak-flops).
 Example:
     python tools/bench_train.py --shapes tiny --backends jax,tensorflow
     python tools/bench_train.py --windows 4 --steps 5 --json results.json
+    python tools/bench_train.py --shapes tiny,moe-tiny --impls ours --backends jax   # MoE vs dense
 
 `jax_optax` needs optax (`pip install -e ".[bench]"`).
 """
@@ -36,7 +37,13 @@ SHAPES = {
     # name: vocab, d_model, layers, heads, d_ff, seq_len, batch
     "tiny": (8192, 256, 8, 8, 1024, 256, 16),
     "small": (16000, 512, 12, 8, 2048, 256, 8),
+    # tiny with an MoE layer in every block: 8 experts of width 512, top-2, capacity factor
+    # 1.25. Its active FFN width, top_k x expert width = 1024, is tiny's d_ff: the same active
+    # parameters per token (plus the 256 x 8 router), 4x the FFN parameters.
+    "moe-tiny": (8192, 256, 8, 8, 512, 256, 16),
 }
+# shape -> (experts, top_k); ours only (keras-hub and the optax step have no MoE).
+MOE = {"moe-tiny": (8, 2)}
 IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax")
 
 
@@ -133,6 +140,7 @@ def _jax_optax_worker(args):
 def _worker(args):
     if args.impl == "jax_optax":
         return _jax_optax_worker(args)
+    experts, top_k = MOE.get(args.shape, (0, 2))
     import keras
     import numpy as np
 
@@ -145,7 +153,9 @@ def _worker(args):
     if args.impl == "ours":
         from ultimate_trainer.models.causal_lm import CausalLM
 
-        model = CausalLM(vocab_size=vocab, seq_len=seq, d_model=d, num_layers=layers, num_heads=heads, d_ff=d_ff)
+        moe = dict(num_experts=experts, top_k=top_k, capacity_factor=1.25) if experts else None
+        model = CausalLM(vocab_size=vocab, seq_len=seq, d_model=d, num_layers=layers, num_heads=heads, d_ff=d_ff,
+                         moe=moe)
         model.build((None, seq))
         x = np.random.default_rng(0).integers(0, vocab, (batch * 8, seq)).astype("int32")
         inputs = x
@@ -167,10 +177,10 @@ def _worker(args):
     else:
         optimizer = keras.optimizers.AdamW(1e-4)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq, num_experts=experts, experts_top_k=top_k)
     if model.count_params() != counts.total:
         raise SystemExit(f"{args.impl} has {model.count_params()} params, expected {counts.total}")
-    flops = sizing.flops_per_token(counts.non_embedding, vocab, d, layers, seq)
+    flops = sizing.flops_per_token(counts.active_non_embedding, vocab, d, layers, seq)
 
     times = []
 
@@ -188,7 +198,7 @@ def _worker(args):
     median = statistics.median(rates)
     print(json.dumps({
         "backend": keras.backend.backend(), "impl": args.impl, "shape": args.shape,
-        "params": counts.total, "flops_per_token": flops, "tokens_per_sec": median,
+        "params": counts.total, "active_params": counts.active, "flops_per_token": flops, "tokens_per_sec": median,
         "windows": rates, "mfu": median * flops / args.peak_flops,
         "precision": "mixed_bfloat16" if args.mixed_precision else "float32",
     }))
@@ -215,7 +225,7 @@ def main(argv=None):
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             for impl in args.impls.split(","):
-                if impl == "jax_optax" and backend != "jax":
+                if (impl == "jax_optax" and backend != "jax") or (shape in MOE and impl != "ours"):
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
                        "--steps", str(args.steps), "--windows", str(args.windows),
@@ -250,6 +260,12 @@ def main(argv=None):
                 return "-"
 
             print(f"| {backend} | {shape} | {' | '.join(cells)} | {ratio('keras_hub')} | {ratio('jax_optax')} |")
+    for backend in args.backends.split(","):
+        for shape in MOE:
+            row = {r["shape"]: r for r in results if r["backend"] == backend and r["impl"] == "ours"}
+            if shape in row and "tiny" in row:
+                print(f"{backend}: {shape} / tiny (same active parameters) = "
+                      f"{row[shape]['tokens_per_sec'] / row['tiny']['tokens_per_sec']:.2f}x tokens/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -140,3 +140,41 @@ def scan(f, init, xs, y_like):
 
     carries, ys = tf.scan(body, xs, initializer=(init, y_like))
     return tf.nest.map_structure(lambda c: c[-1], carries), ys
+
+
+def bf16_unsupported_reason():
+    """None when the backend computes in bfloat16 on its devices, else why not.
+
+    CPUs (all three backends emulate it where the chip lacks it) and TPUs do;
+    NVIDIA GPUs need compute capability 8.0 (Ampere) or newer.
+
+    Example:
+        reason = bf16_unsupported_reason()   # e.g. "Tesla V100 (compute capability 7.0) has no bfloat16"
+    """
+    import keras
+
+    name = keras.backend.backend()
+    capabilities = []  # (device name, (major, minor)) of each GPU
+    if name == "jax":
+        import jax
+
+        for d in jax.devices():
+            if d.platform == "gpu" and getattr(d, "compute_capability", None):
+                capabilities.append((d.device_kind, tuple(int(p) for p in str(d.compute_capability).split(".")[:2])))
+    elif name == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            capabilities = [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+                            for i in range(torch.cuda.device_count())]
+    else:
+        import tensorflow as tf
+
+        for d in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(d)
+            if details.get("compute_capability"):
+                capabilities.append((details.get("device_name", "GPU"), tuple(details["compute_capability"])))
+    for device, capability in capabilities:
+        if tuple(capability) < (8, 0):
+            return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
+    return None

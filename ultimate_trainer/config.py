@@ -113,6 +113,13 @@ class ModelConfig:
     ttt_share_qk: bool = _opt(False, "Share the TTT Q/K projection, with a causal depthwise conv (kernel 4) for each.")
     ttt_backbone: str = _opt("transformer", "TTT block shape: `transformer` (pre-norm TTT + MLP) or `mamba`, the paper's \"(M)\" models: a causal conv before each TTT layer, shared Q/K and the output gate.", choices=["transformer", "mamba"])
     state_passing: bool = _opt(False, "Carry each TTT layer's final inner state into the next window of the same stream (no gradient across windows); each batch row then reads its own contiguous stream, unshuffled.")
+    # Mixture of experts (models/moe.py, docs/moe.md).
+    num_experts: int = _opt(0, "Mixture-of-experts feed-forward layers with this many experts, each --d-ff wide; 0 is a dense MLP.")
+    experts_top_k: int = _opt(2, "Experts each token is routed to.")
+    moe_every: int = _opt(1, "Every k-th block is MoE (blocks k-1, 2k-1, ...; 1: all).")
+    capacity_factor: float = _opt(1.25, "Expert capacity per sequence, as a multiple of an even split of its top-k assignments; assignments over it are dropped and counted. 0: dropless (every assignment computed, at num-experts/top-k times the expert compute).")
+    router_aux_loss_coef: float = _opt(0.01, "Weight of the Switch load-balancing loss (1.0 when balanced) in the training loss.")
+    router_z_loss_coef: float = _opt(0.001, "Weight of the router z-loss (mean squared logsumexp of the router logits) in the training loss.")
 
 
 @dataclasses.dataclass
@@ -130,9 +137,10 @@ class TrainingConfig:
     max_steps: int = _opt(None, "Stop after this many optimizer steps.", type=int)
     total_tokens: int = _opt(None, "Train on this many tokens (e.g. 2.4B); sets the step count.", type=count)
     lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
-    optimizer: str = _opt("adamw", "Optimizer.", choices=["adamw", "adam", "sgd"])
+    optimizer: str = _opt("adamw", "Optimizer. `muon`: Muon for the hidden weight matrices (experts included), AdamW for embeddings, LM head, router, norms and biases.", choices=["adamw", "adam", "sgd", "muon"])
     seed: int = _opt(42, "Random seed for weights, data order and dropout.")
     peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU (default: the data sheet for known GPUs/TPUs, measured on CPU).", type=float)
+    min_lr_ratio: float = _opt(None, "End learning rate as a fraction of the peak (instead of --lr-end; default 0.1).", type=float)
 
 
 @dataclasses.dataclass
@@ -142,6 +150,7 @@ class LoaderConfig:
     stride: int = _opt(None, "Tokens shared by consecutive training windows (default: 0, no overlap).", type=int)
     tokenize_on_fly: bool = _opt(False, "Tokenize the sources while training (the default without --data-dir); excludes --data-dir.")
     shard_tokens: int = _opt(100_000_000, "prepare-data: tokens per shard file.", type=count)
+    num_workers: int = _opt(None, "Threads of the input pipeline (tf.data's private thread pool; default: tf.data's own choice).", type=int)
 
 
 @dataclasses.dataclass
@@ -158,6 +167,7 @@ class OutputConfig:
     milestone_every: int = _opt(None, "Optimizer steps between milestone-<step> checkpoints, which are never deleted.", type=int)
     eval_every: int = _opt(500, "Optimizer steps between validation passes.")
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
+    eval_enabled: bool = _opt(True, "Do not validate (no validation passes, no best_checkpoint).", flag="--no-eval")
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest valid checkpoint), `latest` (in --output-dir), or an s3:// gs:// az:// URI of a checkpoint or a prefix (downloaded into <output-dir>/remote-checkpoints/).", type=str)
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
     tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
@@ -245,12 +255,44 @@ def _field_index():
     return {name: (attr, f) for attr, _, f in iter_fields() for name in [f.name]}
 
 
+# Keys of the MoE guide's recipe shape (configs/production_training.yaml) -> config keys.
+# Its sections `model`, `training` and `data` also take this config's own field names.
+RECIPE_KEYS = {
+    "model.n_layers": "model.num_layers",
+    "model.n_heads": "model.num_heads",
+    "model.n_kv_heads": "model.num_kv_heads",
+    "model.n_experts": "model.num_experts",
+    "model.top_k": "model.experts_top_k",
+    "model.max_seq_len": "model.seq_len",
+    "model.vocab_size": "tokenizer.vocab_size",
+    "training.max_lr": "training.learning_rate",
+    "training.checkpoint_dir": "output.output_dir",
+    "training.save_interval": "output.save_every",
+    "training.save_total_limit": "output.save_total_limit",
+    "training.log_interval": "output.log_every",
+    "data.dataset_name": "data.dataset_id",
+    "data.max_examples": "data.max_train_examples",
+    "data.tokenize_on_fly": "loader.tokenize_on_fly",
+    "data.use_streaming": "loader.use_streaming",
+    "data.num_workers": "loader.num_workers",
+    "evaluation.enabled": "output.eval_enabled",
+    "evaluation.eval_steps": "output.eval_steps",
+    "evaluation.eval_interval": "output.eval_every",
+    "mixed_precision.bf16": "optimization.use_mixed_precision",
+    "wandb.project": "output.wandb_project",
+    "wandb.run_name": "output.wandb_run_name",
+    "wandb.name": "output.wandb_run_name",
+    "wandb.enabled": None,  # false: drop the section's settings; true: needs wandb.project
+}
+
+
 def load_recipe(path):
     """Reads a YAML recipe into {"section.field": value}.
 
-    Accepts sections named after the flag groups (`model:`, `training:`, ...)
-    and flat top-level keys. An unknown key is an error naming the nearest
-    valid one.
+    Accepts sections named after the flag groups (`model:`, `training:`, ...),
+    flat top-level keys, and the MoE guide's shape (`RECIPE_KEYS`: sections
+    model, training, data, evaluation, mixed_precision, wandb). An unknown key
+    is an error naming the nearest valid one.
     """
     import yaml
 
@@ -270,28 +312,40 @@ def load_recipe(path):
         raise UserError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     index = _field_index()
     sections = {attr: cls for attr, _, cls in SECTIONS}
+    guide_sections = {key.split(".")[0] for key in RECIPE_KEYS}
     out = {}
 
-    def put(key, value, where):
-        if key not in index:
-            valid = list(index) + list(sections)
-            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean `{near[0]}`?" if near else ""
-            raise UserError(f"--config {path}: unknown key `{where}{key}`{hint}")
-        attr, _ = index[key]
-        out[f"{attr}.{key}"] = value
+    def unknown(key, valid):
+        near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+        hint = f"; did you mean `{near[0]}`?" if near else ""
+        raise UserError(f"--config {path}: unknown key `{key}`{hint}")
 
+    wandb_enabled = None
     for key, value in data.items():
-        if key in sections and isinstance(value, dict):
-            names = {f.name for f in dataclasses.fields(sections[key])}
+        if (key in sections or key in guide_sections) and isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(sections[key])} if key in sections else set()
+            aliases = {k.split(".", 1)[1] for k in RECIPE_KEYS if k.startswith(key + ".")}
             for sub, subvalue in value.items():
-                if sub not in names:
-                    near = difflib.get_close_matches(sub, sorted(names), n=1, cutoff=0.5)
-                    hint = f"; did you mean `{key}.{near[0]}`?" if near else ""
-                    raise UserError(f"--config {path}: unknown key `{key}.{sub}`{hint}")
-                out[f"{key}.{sub}"] = subvalue
+                full = f"{key}.{sub}"
+                if full == "wandb.enabled":
+                    wandb_enabled = subvalue
+                elif full in RECIPE_KEYS:
+                    out[RECIPE_KEYS[full]] = subvalue
+                elif sub in names:
+                    out[full] = subvalue
+                else:
+                    unknown(full, [f"{key}.{n}" for n in names | aliases])
+        elif key == "wandb" and value in (None, False):
+            wandb_enabled = False
+        elif key in index:
+            out[f"{index[key][0]}.{key}"] = value
         else:
-            put(key, value, "")
+            unknown(key, list(index) + list(sections) + sorted(guide_sections))
+    if wandb_enabled is False:
+        for name in ("output.wandb_project", "output.wandb_run_name"):
+            out.pop(name, None)
+    elif wandb_enabled is not None and not out.get("output.wandb_project"):
+        raise UserError(f"--config {path}: `wandb.enabled: {wandb_enabled}` needs `wandb.project: NAME`")
     return out
 
 
@@ -456,6 +510,7 @@ def validate(cfg):
         )
 
     _validate_ttt(m, cfg.explicit, flags, cfg.loader)
+    _validate_moe(m, cfg.explicit, flags)
     _positive(m.lora_rank, flags["lora_rank"])
     _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
     if m.use_lora:
@@ -483,11 +538,16 @@ def validate(cfg):
         parse_device_batch_sizes(t.device_batch_sizes)
     if t.global_batch_size:
         resolve_batch(t, 1)  # a global batch that one device cannot reach is wrong everywhere
-    if t.optimizer != "adamw" and "training.weight_decay" in cfg.explicit and t.weight_decay:
-        raise UserError(f"--weight-decay applies to --optimizer adamw only, not {t.optimizer}; drop one of them")
+    if t.optimizer not in ("adamw", "muon") and "training.weight_decay" in cfg.explicit and t.weight_decay:
+        raise UserError(f"--weight-decay applies to --optimizer adamw and muon only, not {t.optimizer}; drop one of them")
     for name in ("weight_decay", "warmup_steps", "grad_clip", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise UserError(f"{flags[name]} must be zero or positive, got {getattr(t, name)}")
+    if t.min_lr_ratio is not None:
+        if t.lr_end is not None:
+            raise UserError("--lr-end and --min-lr-ratio both set the end learning rate; pass only one")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise UserError(f"--min-lr-ratio {t.min_lr_ratio} must lie between 0 and 1 (a fraction of the peak)")
     if t.lr_end is not None and not 0 <= t.lr_end <= t.learning_rate:
         raise UserError(
             f"--lr-end {t.lr_end} must lie between 0 and --learning-rate {t.learning_rate}"
@@ -507,6 +567,7 @@ def validate(cfg):
             f"--stride {loader.stride} must be at least 0 and below --seq-len {m.seq_len}"
         )
     _positive(loader.shard_tokens, flags["shard_tokens"])
+    _positive(loader.num_workers, flags["num_workers"], allow_none=True)
     if cfg.data.data_dir is not None:
         if loader.tokenize_on_fly:
             raise UserError("--tokenize-on-fly streams from the sources, --data-dir reads shards; pass only one")
@@ -540,6 +601,10 @@ def validate(cfg):
     for name in ("log_every", "save_every", "eval_every"):
         _positive(getattr(o, name), flags[name])
     _positive(o.eval_steps, flags["eval_steps"], allow_none=True)
+    if not o.eval_enabled:
+        given = [flags[n] for n in ("eval_every", "eval_steps") if f"output.{n}" in cfg.explicit]
+        if given:
+            raise UserError(f"{given[0]} schedules validation, which --no-eval turns off; drop one of them")
     if not o.output_dir:
         raise UserError("--output-dir must not be empty")
     d = cfg.data
@@ -650,6 +715,38 @@ def _validate_ttt(m, explicit, flags, loader):
         )
     if m.use_lora:
         raise UserError("--use-lora targets attention projections and cannot be combined with --ttt-layer-type yet")
+
+
+def _validate_moe(m, explicit, flags):
+    others = ("experts_top_k", "moe_every", "capacity_factor", "router_aux_loss_coef", "router_z_loss_coef")
+    if m.num_experts is None or m.num_experts < 0:
+        raise UserError(f"--num-experts must be zero (dense) or positive, got {m.num_experts}")
+    if not m.num_experts:
+        given = [flags[n] for n in others if f"model.{n}" in explicit]
+        if given:
+            raise UserError(f"{given[0]} configures mixture-of-experts layers; add --num-experts N")
+        return
+    if not 1 <= m.experts_top_k <= m.num_experts:
+        raise UserError(
+            f"--experts-top-k {m.experts_top_k} must lie between 1 and --num-experts {m.num_experts}"
+        )
+    if not 1 <= m.moe_every <= m.num_layers:
+        raise UserError(
+            f"--moe-every {m.moe_every} must lie between 1 and --num-layers {m.num_layers} "
+            f"(every k-th block is MoE)"
+        )
+    for name in ("capacity_factor", "router_aux_loss_coef", "router_z_loss_coef"):
+        if getattr(m, name) < 0:
+            raise UserError(f"{flags[name]} must be zero or positive, got {getattr(m, name)}")
+    if m.use_lora:
+        from ultimate_trainer.models.lora import parse_targets
+
+        ffn = [t for t in parse_targets(m.lora_targets) if t in ("up", "down")]
+        if ffn:
+            raise UserError(
+                f"--lora-targets {ffn[0]} adapts the dense MLP, which MoE blocks replace with experts; "
+                f"use --lora-targets qkv,out with --num-experts"
+            )
 
 
 def _validate_cloud(c, resume_from, flags):

@@ -49,6 +49,11 @@ def export_hf(model, tokenizer, out_dir):
             "this checkpoint has TTT layers, which transformers has no model class for; "
             "export works for attention models (llama- and gpt2-style)"
         )
+    if getattr(model, "moe", None):
+        raise UserError(
+            "this checkpoint has mixture-of-experts blocks; export writes LlamaForCausalLM / GPT2LMHeadModel, "
+            "which have none, so it works for dense models only"
+        )
     out = check_output_dir(out_dir)
     hf_model = to_transformers(model, tokenizer)
     from transformers.utils import logging as hf_logging

@@ -54,12 +54,19 @@ class CausalLM(keras.Model):
         ttt=None,
         ttt_layers=None,
         state_passing_rows=None,
+        moe=None,
+        moe_every=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.state_passing_rows = state_passing_rows
         # Batches per stream: a data property, not config; set before the first training step, which compiles it in.
         self.stream_windows = None
+        from ultimate_trainer.models.sizing import moe_block_indices
+
+        self.moe = dict(moe) if moe else None  # MoEFeedForward arguments for the MoE blocks
+        self.moe_every = moe_every
+        moe_blocks = set(moe_block_indices(num_layers, self.moe and self.moe["num_experts"], moe_every))
         self.ttt = dict(ttt) if ttt else None  # TTTLayer arguments for the TTT blocks
         self.ttt_layers = list(ttt_layers) if ttt_layers is not None else None
         ttt_blocks = set(range(num_layers) if self.ttt and ttt_layers is None else (ttt_layers or ()))
@@ -109,6 +116,7 @@ class CausalLM(keras.Model):
                 initializer_range=0.02,
                 output_initializer_range=0.02 / math.sqrt(2 * num_layers),
                 ttt=self.ttt if i in ttt_blocks else None,
+                moe=self.moe if i in moe_blocks else None,
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
@@ -280,8 +288,18 @@ class CausalLM(keras.Model):
             ttt=self.ttt,
             ttt_layers=self.ttt_layers,
             state_passing_rows=self.state_passing_rows,
+            moe=self.moe,
+            moe_every=self.moe_every,
         )
         return config
+
+    def count_params(self):
+        """Parameters, trainable or frozen; the MoE routing statistics (models/moe.py)
+        and the carried TTT states (`carried_state_size`) are variables, not
+        parameters, and are left out."""
+        from ultimate_trainer.models.moe import statistics_count
+
+        return super().count_params() - statistics_count(self) - self.carried_state_size
 
 
 def model_kwargs(model_cfg, vocab_size):
@@ -303,7 +321,18 @@ def model_kwargs(model_cfg, vocab_size):
         # True means "auto": let the backend use a fused kernel if it has one.
         flash_attention=None if model_cfg.flash_attention else False,
         **ttt_kwargs(model_cfg),
+        **moe_kwargs(model_cfg),
     )
+
+
+def moe_kwargs(model_cfg):
+    """`CausalLM`'s `moe` and `moe_every` arguments for a `ModelConfig` ({} without experts)."""
+    m = model_cfg
+    if not m.num_experts:
+        return {}
+    moe = dict(num_experts=m.num_experts, top_k=m.experts_top_k, capacity_factor=m.capacity_factor or None,
+               aux_loss_coef=m.router_aux_loss_coef, z_loss_coef=m.router_z_loss_coef)
+    return {"moe": moe, "moe_every": m.moe_every}
 
 
 def ttt_kwargs(model_cfg):

@@ -31,6 +31,13 @@ class ParamCounts:
     embedding: int
     non_embedding: int
     trainable: int
+    # Parameters one token passes through: all of them, less the experts a
+    # token is not routed to (each MoE block uses top_k of num_experts).
+    active: int = None
+
+    @property
+    def active_non_embedding(self):
+        return (self.total if self.active is None else self.active) - self.embedding
 
 
 def block_style(use_rope, use_rmsnorm, use_swiglu):
@@ -63,6 +70,9 @@ def count_params(
     ttt_share_qk=False,
     ttt_conv_kernel=4,
     ttt_pre_conv=False,
+    num_experts=0,
+    experts_top_k=2,
+    moe_every=1,
 ):
     """Exact parameter count of the model `CausalLM` builds for these flags.
 
@@ -71,11 +81,17 @@ def count_params(
     `ttt_layer_type`, the blocks `ttt_layers` names (all when None) have a
     TTT layer (`ttt_params`) where the others have attention; `ttt_pre_conv`
     (the Mamba-style backbone) adds a causal conv before each of them: an
-    RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel.
+    RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel. With
+    `num_experts`, every `moe_every`-th block has an MoE feed-forward layer
+    of `num_experts` experts `d_ff` wide (`moe_params`) instead of the MLP;
+    `active` then counts `experts_top_k` experts per MoE block.
 
     Example:
         >>> count_params(258, 128, 6, 4, 512, 256).total
         1640576
+        >>> c = count_params(258, 128, 6, 4, 512, 256, num_experts=8, experts_top_k=2)
+        >>> c.total, c.active
+        (9904256, 2826368)
     """
     num_kv_heads = num_kv_heads or num_heads
     head_dim = d_model // num_heads
@@ -89,6 +105,9 @@ def count_params(
         - attention
         + (d_model * (ttt_conv_kernel + 2) if ttt_pre_conv else 0)
     ) if n_ttt else 0
+    n_moe = len(moe_block_indices(num_layers, num_experts, moe_every))
+    moe_extra = n_moe * (moe_params(d_model, d_ff, num_experts, use_swiglu) - mlp) if n_moe else 0
+    inactive = n_moe * (num_experts - experts_top_k) * mlp if n_moe else 0
     token_embedding = vocab_size * d_model
     position_embedding = 0 if use_rope else seq_len * d_model
     lm_head = 0 if tie_embeddings else vocab_size * d_model
@@ -100,14 +119,38 @@ def count_params(
         "down": (d_ff, d_model),
     }
     lora = num_layers * sum(lora_rank * sum(lora_shapes[t]) for t in lora_targets) if lora_rank else 0
-    non_embedding = num_layers * per_layer + ttt_extra + norm + lora
+    non_embedding = num_layers * per_layer + ttt_extra + moe_extra + norm + lora
     total = embedding + non_embedding
     return ParamCounts(
         total=total,
         embedding=embedding,
         non_embedding=non_embedding,
         trainable=lora if lora_rank else total,
+        active=total - inactive,
     )
+
+
+def moe_block_indices(num_layers, num_experts, moe_every=1):
+    """The blocks with an MoE feed-forward layer: every `moe_every`-th block,
+    counting from 1 (blocks 1, 3, 5, ... for 2); none without experts.
+
+    Example:
+        >>> moe_block_indices(6, 8, 2)
+        (1, 3, 5)
+    """
+    if not num_experts:
+        return ()
+    return tuple(i for i in range(num_layers) if (i + 1) % moe_every == 0)
+
+
+def moe_params(d_model, d_ff, num_experts, use_swiglu=True):
+    """Parameters of one `MoEFeedForward` (models/moe.py): the router and the experts.
+
+    Example:
+        >>> moe_params(64, 128, 8)
+        197120
+    """
+    return d_model * num_experts + num_experts * (3 if use_swiglu else 2) * d_model * d_ff
 
 
 def ttt_block_indices(num_layers, ttt_layer_type, ttt_layers=None):

@@ -1,7 +1,8 @@
 """One pre-norm decoder block: x + mix(norm(x)), then x + mlp(norm(x)).
 
 The sequence mixer is causal self-attention, or a TTT layer (`ttt` config);
-a TTT block with `pre_conv` (the paper's Mamba-style backbone) first adds a
+the feed-forward layer is the dense MLP, or a mixture of experts (`moe` config).
+A TTT block with `pre_conv` (the paper's Mamba-style backbone) first adds a
 causal convolution: x + conv(norm(x)).
 """
 
@@ -10,6 +11,7 @@ import keras
 from ultimate_trainer.models.attention import CausalSelfAttention
 from ultimate_trainer.models.feed_forward import FeedForward
 from ultimate_trainer.models.pre_conv import PreConv
+from ultimate_trainer.models.moe import MoEFeedForward
 from ultimate_trainer.models.ttt import TTTLayer
 
 
@@ -55,10 +57,12 @@ class TransformerBlock(keras.layers.Layer):
         initializer_range=0.02,
         output_initializer_range=0.02,
         ttt=None,
+        moe=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.ttt_config = dict(ttt) if ttt else None
+        self.moe_config = dict(moe) if moe else None
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.d_ff = d_ff
@@ -103,14 +107,16 @@ class TransformerBlock(keras.layers.Layer):
                 name="attention",
             )
         self.mlp_norm = make_norm(use_rmsnorm, "mlp_norm", self.dtype_policy)
-        self.mlp = FeedForward(
+        # `moe` holds MoEFeedForward arguments: num_experts, top_k, capacity_factor, aux/z loss coefs.
+        self.mlp = (MoEFeedForward if self.moe_config else FeedForward)(
             hidden_dim=d_ff,
             use_swiglu=use_swiglu,
             activation=activation,
             initializer_range=initializer_range,
             output_initializer_range=output_initializer_range,
             dtype=self.dtype_policy,
-            name="mlp",
+            name="moe" if self.moe_config else "mlp",
+            **(self.moe_config or {}),
         )
         self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
 
@@ -184,5 +190,6 @@ class TransformerBlock(keras.layers.Layer):
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
             ttt=self.ttt_config,
+            moe=self.moe_config,
         )
         return config

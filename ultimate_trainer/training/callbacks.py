@@ -90,11 +90,18 @@ class MetricsLogger(keras.callbacks.Callback):
     gradient norm is the mean global norm of those steps' updates (before
     clipping). It stops `fit` when more than `skip_nonfinite` updates had
     NaN or inf gradients, or the loss is not finite.
+
+    With `moe_stats` (a callable such as `lambda: moe.read_stats(model)`),
+    the record also holds the routing statistics of the same steps, and
+    `loss` is the language-model cross-entropy alone (comparable with
+    `val_loss`): the auxiliary losses Keras added to the training loss are
+    taken out again and logged on their own.
     """
 
     def __init__(self, clock, log_every, tokens_per_step, schedule, sink, printer=print,
-                 flops_per_token=None, peak_flops=None, skip_nonfinite=0):
+                 flops_per_token=None, peak_flops=None, skip_nonfinite=0, moe_stats=None):
         super().__init__()
+        self.moe_stats = moe_stats
         self.skip_nonfinite = skip_nonfinite
         self._nonfinite_seen = 0
         self.flops_per_token = flops_per_token
@@ -161,12 +168,20 @@ class MetricsLogger(keras.callbacks.Callback):
             "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None,
             "elapsed_sec": time.perf_counter() - self._run_start,
         }
+        moe = self.moe_stats() if self.moe_stats else None
+        if moe:
+            record["loss"] = loss = loss - moe["loss_terms"]
+            record.update(moe_aux_loss=moe["aux_loss"], moe_z_loss=moe["z_loss"],
+                          moe_dropped=moe["dropped_fraction"], moe_load_max=moe["load_max"],
+                          **{f"expert_load_{i}": v for i, v in enumerate(moe["expert_load"])})
         self.history.append(record)
         self.sink.write(record)
         self.printer(
             f"step {step:>{len(str(self.clock.total_steps))}}/{self.clock.total_steps} | "
             f"loss {loss:.4f} | lr {record['lr']:.2e} | "
             + (f"grad-norm {record['grad_norm']:.3f} | " if record["grad_norm"] is not None else "")
+            + (f"moe aux {moe['aux_loss']:.3f} z {moe['z_loss']:.2f} drop {100 * moe['dropped_fraction']:.1f}% "
+               f"load-max {moe['load_max']:.2f} | " if moe else "")
             + f"{tokens_per_sec:,.0f} tok/s | "
             + (f"MFU {100 * record['mfu']:.1f}% | " if record["mfu"] is not None else "")
             + f"eta {format_seconds(remaining)}"

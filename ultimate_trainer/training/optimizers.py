@@ -1,6 +1,7 @@
 """Optimizer construction: AdamW without decay on norms, biases and embeddings,
-plus the per-update statistics the progress line shows (gradient norm,
-non-finite updates) and `--skip-nonfinite`."""
+Muon for the hidden weight matrices (`--optimizer muon`), plus the
+per-update statistics the progress line shows (gradient norm, non-finite
+updates) and `--skip-nonfinite`."""
 
 import keras
 from keras import ops
@@ -115,6 +116,43 @@ class FiniteMean(keras.metrics.Mean):
         return super().update_state(ops.where(finite, values, ops.zeros_like(values)), weight)
 
 
+class ExpertMatrices:
+    """Mixin for `keras.optimizers.Muon`: MoE expert kernels are Muon matrices too.
+
+    Keras' Muon sends every variable that is not 2-D to its AdamW branch, but
+    an expert kernel `[experts, in, out]` (models/moe.py) is a stack of
+    independent matrices, so it gets Muon's update per expert: the
+    Newton-Schulz iteration already works on the last two axes, and the
+    Moonlight scale `rms_rate * sqrt(max(in, out))` uses those two as well
+    (Keras reads axes 0 and 1).
+    """
+
+    def _should_use_adamw(self, variable):
+        if _is_expert_kernel(variable):
+            return False
+        return super()._should_use_adamw(variable)
+
+    def lr_adjust(self, x):
+        if self.rms_rate is None or len(x.shape) == 2:
+            return super().lr_adjust(x)
+        return x * ops.sqrt(ops.maximum(x.shape[-2], x.shape[-1])) * self.rms_rate
+
+
+def _is_expert_kernel(variable):
+    from ultimate_trainer.models.moe import EXPERT_KERNELS
+
+    return len(variable.shape) == 3 and variable.path.rsplit("/", 1)[-1] in EXPERT_KERNELS
+
+
+# Muon's authors keep the input embedding, the LM head and every 0/1-D weight
+# on AdamW; Keras' Muon does so for 0/1-D weights and, with exclude_embeddings,
+# for any path holding "embedding", which covers the token table, the learned
+# positions and the LM head (ReversibleEmbedding's reverse_embeddings). The
+# router is a classifier over experts, like the LM head over tokens, so it stays
+# on AdamW as well.
+MUON_EXCLUDE_LAYERS = ["/router/"]
+
+
 _CLASSES = {}
 
 
@@ -127,7 +165,8 @@ def _with_update_stats(optimizer, skip_nonfinite):
     """
     base = type(optimizer)
     if base not in _CLASSES:
-        _CLASSES[base] = type(base.__name__, (UpdateStats, base), {"__module__": base.__module__})
+        mixins = (UpdateStats, ExpertMatrices) if issubclass(base, keras.optimizers.Muon) else (UpdateStats,)
+        _CLASSES[base] = type(base.__name__, (*mixins, base), {"__module__": base.__module__})
     optimizer.__class__ = _CLASSES[base]
     optimizer.skip_nonfinite = bool(skip_nonfinite)
     return optimizer
@@ -139,6 +178,11 @@ def build_optimizer(training_cfg, schedule, model):
     Gradient accumulation is Keras' own: the optimizer averages
     `gradient_accumulation_steps` micro-batch gradients, clips the average
     and applies it once; `UpdateStats` makes the schedule count updates.
+
+    `muon` is Keras' Muon: the Muon update for 2-D hidden weights and expert
+    kernels, its AdamW branch (same schedule, betas 0.9/0.95) for the rest
+    (`MUON_EXCLUDE_LAYERS`); with Moonlight's update scale (rms_rate 0.2) both
+    branches take the same learning rate and `--weight-decay`.
     """
     t = training_cfg
     common = dict(
@@ -148,6 +192,12 @@ def build_optimizer(training_cfg, schedule, model):
     )
     if t.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(momentum=0.9, **common)
+    elif t.optimizer == "muon":
+        optimizer = keras.optimizers.Muon(
+            adam_beta_1=0.9, adam_beta_2=0.95, epsilon=1e-8, weight_decay=t.weight_decay,
+            adam_weight_decay=t.weight_decay, exclude_layers=MUON_EXCLUDE_LAYERS, exclude_embeddings=True, **common,
+        )
+        optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     elif t.optimizer == "adam":
         optimizer = keras.optimizers.Adam(beta_1=0.9, beta_2=0.95, epsilon=1e-8, **common)
     else:

@@ -46,7 +46,11 @@ def model_summary(model_cfg, vocab_size):
         ttt_use_gate=m.ttt_use_gate,
         ttt_share_qk=m.ttt_share_qk,
         ttt_pre_conv=m.ttt_backbone == "mamba",
+        num_experts=m.num_experts,
+        experts_top_k=m.experts_top_k,
+        moe_every=m.moe_every,
     )
+    moe_blocks = sizing.moe_block_indices(m.num_layers, m.num_experts, m.moe_every)
     ttt_blocks = sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers)
     architecture = {
         "preset": m.model_preset,
@@ -73,15 +77,22 @@ def model_summary(model_cfg, vocab_size):
                 "backbone": m.ttt_backbone, "state_passing": m.state_passing}
         if ttt_blocks
         else None,
+        "moe": {"num_experts": m.num_experts, "top_k": m.experts_top_k, "blocks": list(moe_blocks),
+                "capacity_factor": m.capacity_factor or None, "router_aux_loss_coef": m.router_aux_loss_coef,
+                "router_z_loss_coef": m.router_z_loss_coef}
+        if moe_blocks
+        else None,
     }
     params = {
         "total": counts.total,
         "non_embedding": counts.non_embedding,
         "embedding": counts.embedding,
         "trainable": counts.trainable,
+        "active": counts.active,  # per token: MoE blocks count top_k of their experts
     }
+    # FLOPs follow the parameters a token passes through, not the experts it skips.
     flops = sizing.flops_per_token(
-        counts.non_embedding, vocab_size, m.d_model, m.num_layers, m.seq_len, ttt_layers=len(ttt_blocks),
+        counts.active_non_embedding, vocab_size, m.d_model, m.num_layers, m.seq_len, ttt_layers=len(ttt_blocks),
         ttt_flops=sizing.ttt_flops_per_token(m.d_model, m.num_heads, ttt_kind(m), m.ttt_mini_batch_size)
         if ttt_blocks else 0,
     )
@@ -145,7 +156,8 @@ def make_plan(cfg, tokenizer, inputs):
             f"--warmup-steps {t.warmup_steps} is not shorter than the run ({total_steps} steps); "
             f"warming up over {warmup} steps (10%) instead"
         )
-    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate / 10
+    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate * (
+        t.min_lr_ratio if t.min_lr_ratio is not None else 0.1)
     if m.use_lora and not m.init_from:
         notes.append("--use-lora without --init-from trains adapters on a randomly initialised base model")
 
@@ -208,9 +220,15 @@ def format_plan(plan):
         f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
         + (f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} of {a['num_layers']} blocks "
            f"(mini-batch {a['ttt']['mini_batch_size']}, {a['ttt']['backbone']} backbone"
-           f"{', state passing' if a['ttt']['state_passing'] else ''})" if a.get("ttt") else ""),
+           f"{', state passing' if a['ttt']['state_passing'] else ''})" if a.get("ttt") else "")
+        + (f"; MoE in {len(a['moe']['blocks'])} of {a['num_layers']} blocks: {a['moe']['num_experts']} experts of "
+           f"d_ff {a['d_ff']}, top-{a['moe']['top_k']}, "
+           + (f"capacity factor {a['moe']['capacity_factor']:g}" if a["moe"]["capacity_factor"] else "dropless")
+           if a.get("moe") else ""),
         f"parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['trainable']:,} trainable"
-        + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else ""),
+        + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else "")
+        + (f"; {p['active']:,} active per token ({p['active'] - p['embedding']:,} non-embedding)"
+           if a.get("moe") else ""),
         f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
         f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens ({d['tokenizer']['kind']} tokenizer)",
         f"steps: {s['rule']} -> {s['total_steps']:,} steps of {s['tokens_per_step']:,} tokens = "

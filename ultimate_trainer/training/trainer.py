@@ -205,8 +205,12 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
 
     keras.utils.set_random_seed(t.seed)
     if cfg.optimization.use_mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        say("precision: bfloat16 compute, float32 weights")
+        unsupported = backend_lib.bf16_unsupported_reason()
+        if unsupported:
+            say(f"precision: float32; --use-mixed-precision asks for bfloat16, but {unsupported}")
+        else:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            say("precision: bfloat16 compute, float32 weights")
     _say_attention_path(m, devices)
 
     model = build_causal_lm(m, tokenizer.vocab_size, state_passing_rows=t.batch_size if m.state_passing else None)
@@ -224,7 +228,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         def write_extra(directory):
             lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
     trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
-    params = model.count_params() - model.carried_state_size  # carried TTT states are variables, not parameters
+    params = model.count_params()
     if (params, trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
         raise RuntimeError(
             f"built model has {params:,} parameters ({trainable:,} trainable) but "
@@ -251,7 +255,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         start_step = state["step"]
         say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
 
-    val_ds = inputs.eval_dataset(t.batch_size)
+    val_ds = _with_workers(inputs.eval_dataset(t.batch_size), cfg.loader.num_workers)
 
     def evaluate():
         return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
@@ -296,6 +300,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
     best = {"val_loss": math.inf}
 
     def validate(step):
+        if not o.eval_enabled:  # --no-eval
+            return {"val_loss": None, "val_perplexity": None}
         record = cb.run_eval(evaluate, step, sink, say)
         if step > start_step and record["val_loss"] < best["val_loss"]:
             best.update(record)
@@ -304,9 +310,13 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         return record
 
     initial = validate(start_step)
+    from ultimate_trainer.models import moe
+
+    moe.read_stats(model)  # from zero: a resumed checkpoint holds a window's partial sums
     logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, sink, say,
                               flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"],
-                              skip_nonfinite=t.skip_nonfinite)
+                              skip_nonfinite=t.skip_nonfinite,
+                              moe_stats=(lambda: moe.read_stats(model)) if m.num_experts else None)
     callbacks = [
         cb.StepCounter(clock),
         logger,
@@ -322,7 +332,10 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
             if clock.interrupted:
                 break
             # Each fit call reads the stream from exactly where the previous one stopped.
-            train_ds = inputs.train_dataset(t.batch_size, t.seed, start_window=first_step * t.batch_size * accumulation)
+            train_ds = _with_workers(
+                inputs.train_dataset(t.batch_size, t.seed, start_window=first_step * t.batch_size * accumulation),
+                cfg.loader.num_workers,
+            )
             model.fit(
                 train_ds,
                 epochs=epochs,
@@ -379,8 +392,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         "final_val_loss": final["val_loss"],
         "final_val_perplexity": final["val_perplexity"],
         "final_train_loss": logger.history[-1]["loss"] if logger.history else None,
-        "val_loss_reduction": 1 - final["val_loss"] / initial["val_loss"],
-        "best_val_loss": best["val_loss"],
+        "val_loss_reduction": 1 - final["val_loss"] / initial["val_loss"] if o.eval_enabled else None,
+        "best_val_loss": best["val_loss"] if o.eval_enabled else None,
         "best_step": best.get("step"),
         "checkpoint": str(checkpoint),
         "parameters": plan["parameters"],
@@ -390,10 +403,22 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(
         f"done: {s['total_steps']:,} steps in {cb.format_seconds(wall)}, {tokens_per_sec:,.0f} tok/s; "
-        f"val_loss {initial['val_loss']:.4f} -> {final['val_loss']:.4f} "
-        f"({100 * summary['val_loss_reduction']:.0f}% lower); checkpoint {checkpoint}"
+        + (f"val_loss {initial['val_loss']:.4f} -> {final['val_loss']:.4f} "
+           f"({100 * summary['val_loss_reduction']:.0f}% lower); " if o.eval_enabled else "no validation (--no-eval); ")
+        + f"checkpoint {checkpoint}"
     )
     return 0
+
+
+def _with_workers(dataset, num_workers):
+    """`--num-workers N`: the input pipeline runs on a private pool of N threads."""
+    if not num_workers:
+        return dataset
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = num_workers
+    return dataset.with_options(options)
 
 
 def _say_attention_path(model_cfg, devices):
