@@ -1,5 +1,6 @@
-"""Training throughput: ours against keras-hub's LlamaBackbone and a
-hand-written JAX + optax train step, per backend.
+"""Training throughput: ours against keras-hub's LlamaBackbone and
+hand-written JAX + optax and PyTorch (eager and torch.compile) train steps,
+per backend.
 
 Each (backend, implementation, shape) runs in its own process, since Keras
 picks its backend once per process. All train the same LLaMA shape on the
@@ -7,7 +8,10 @@ same random tokens: untied embeddings, dropout 0, AdamW. Ours runs `fit` with
 the optimizer a real run builds (`training/optimizers.py`: global-norm clip
 1.0 and the gradient-norm statistic); keras-hub runs `fit` with a plain
 AdamW; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
-dict with `optax.adamw`, the ceiling a hand-written loop reaches. The first
+dict with `optax.adamw`, the ceiling a hand-written loop reaches;
+`torch_eager` / `torch_compile` (torch only) are the same model in plain
+PyTorch (SDPA attention, AdamW, clip 1.0), the second with the forward+loss
+and the optimizer step `torch.compile`d. The first
 window (compile and warm-up) is discarded; the figure is the median of the
 timed windows.
 
@@ -44,7 +48,9 @@ SHAPES = {
 }
 # shape -> (experts, top_k); ours only (keras-hub and the optax step have no MoE).
 MOE = {"moe-tiny": (8, 2)}
-IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax")
+IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax", "torch_eager", "torch_compile")
+# Hand-written loops that do not go through Keras: each runs under its own framework only.
+NATIVE = {"jax_optax": "jax", "torch_eager": "torch", "torch_compile": "torch"}
 
 
 def _jax_optax_worker(args):
@@ -137,9 +143,115 @@ def _jax_optax_worker(args):
     }))
 
 
+def _torch_worker(args):
+    """A hand-written PyTorch LLaMA train step, eager or `torch.compile`d (model and
+    AdamW step both), the fastest peer on this CPU."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ultimate_trainer.models import sizing
+
+    torch.manual_seed(0)
+    vocab, d, layers, heads, d_ff, seq, batch = SHAPES[args.shape]
+    hd = d // heads
+    dtype = torch.bfloat16 if args.mixed_precision else torch.float32
+
+    def linear(i, o):
+        layer = torch.nn.Linear(i, o, bias=False)
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        return layer
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_norm, self.mlp_norm = torch.nn.RMSNorm(d, eps=1e-6), torch.nn.RMSNorm(d, eps=1e-6)
+            self.wq, self.wk, self.wv, self.wo = linear(d, d), linear(d, d), linear(d, d), linear(d, d)
+            self.gate, self.up, self.down = linear(d, d_ff), linear(d, d_ff), linear(d_ff, d)
+
+        def forward(self, h, cos, sin):
+            def rope(t):  # [b, h, s, hd], rotate-half
+                t1, t2 = t[..., : hd // 2], t[..., hd // 2 :]
+                return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+            b = h.shape[0]
+            x = self.attn_norm(h)
+            q = rope(self.wq(x).view(b, seq, heads, hd).transpose(1, 2))
+            k = rope(self.wk(x).view(b, seq, heads, hd).transpose(1, 2))
+            v = self.wv(x).view(b, seq, heads, hd).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + self.wo(a.transpose(1, 2).reshape(b, seq, d))
+            x = self.mlp_norm(h)
+            return h + self.down(F.silu(self.gate(x)) * self.up(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            torch.nn.init.normal_(self.embed.weight, std=0.02)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(layers))
+            self.norm, self.head = torch.nn.RMSNorm(d, eps=1e-6), linear(d, vocab)
+            inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            angles = torch.arange(seq, dtype=torch.float32)[:, None] * inv[None, :]
+            self.register_buffer("cos", angles.cos(), persistent=False)
+            self.register_buffer("sin", angles.sin(), persistent=False)
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            for block in self.blocks:
+                h = block(h, self.cos, self.sin)
+            return self.head(self.norm(h)).float()
+
+    model = Model()
+    total = sum(p.numel() for p in model.parameters())
+    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    if total != counts.total:
+        raise SystemExit(f"{args.impl} has {total} params, expected {counts.total}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.004)
+
+    def loss_fn(x, y):
+        with torch.autocast("cpu", dtype=dtype, enabled=args.mixed_precision):
+            return F.cross_entropy(model(x).view(-1, vocab), y.reshape(-1))
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    if args.impl == "torch_compile":
+        # Forward and loss compile into one graph (AOTAutograd derives the backward); the
+        # clip and AdamW update into another.
+        loss_fn, optimizer_step = torch.compile(loss_fn), torch.compile(optimizer_step)
+
+    def train_step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(x, y)
+        loss.backward()
+        return loss
+    data = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (batch * 8, seq + 1)).astype("int64"))
+    rates = []
+    for window in range(args.windows + 1):
+        start = time.perf_counter()
+        for i in range(args.steps):
+            rows = data[(i % 8) * batch : (i % 8 + 1) * batch]
+            loss = train_step(rows[:, :-1], rows[:, 1:])
+            optimizer_step()
+        float(loss)
+        if window:
+            rates.append(args.steps * batch * seq / (time.perf_counter() - start))
+    flops = sizing.flops_per_token(counts.non_embedding, vocab, d, layers, seq)
+    median = statistics.median(rates)
+    print(json.dumps({
+        "backend": "torch", "impl": args.impl, "shape": args.shape, "params": total, "flops_per_token": flops,
+        "tokens_per_sec": median, "windows": rates, "mfu": median * flops / args.peak_flops,
+        "precision": "bfloat16" if args.mixed_precision else "float32",
+    }))
+
+
 def _worker(args):
     if args.impl == "jax_optax":
         return _jax_optax_worker(args)
+    if args.impl in ("torch_eager", "torch_compile"):
+        return _torch_worker(args)
     experts, top_k = MOE.get(args.shape, (0, 2))
     import keras
     import numpy as np
@@ -225,7 +337,7 @@ def main(argv=None):
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             for impl in args.impls.split(","):
-                if (impl == "jax_optax" and backend != "jax") or (shape in MOE and impl != "ours"):
+                if NATIVE.get(impl, backend) != backend or (shape in MOE and impl != "ours"):
                     continue
                 cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
                        "--steps", str(args.steps), "--windows", str(args.windows),
@@ -244,8 +356,8 @@ def main(argv=None):
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"peak {args.peak_flops / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.windows} windows")
     print("| backend | shape | ours tok/s (MFU) | keras-hub tok/s (MFU) | JAX + optax tok/s (MFU) "
-          "| ours / keras-hub | ours / JAX + optax |")
-    print("|---|---|---|---|---|---|---|")
+          "| torch eager tok/s (MFU) | torch.compile tok/s (MFU) | ours / keras-hub | ours / JAX + optax |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             row = {r["impl"]: r for r in results if r["backend"] == backend and r["shape"] == shape}
@@ -260,6 +372,14 @@ def main(argv=None):
                 return "-"
 
             print(f"| {backend} | {shape} | {' | '.join(cells)} | {ratio('keras_hub')} | {ratio('jax_optax')} |")
+    for shape in args.shapes.split(","):
+        ours = [r for r in results if r["shape"] == shape and r["impl"] == "ours"]
+        peer = [r for r in results if r["shape"] == shape and r["impl"] == "torch_compile"]
+        if ours and peer:
+            best = max(ours, key=lambda r: r["tokens_per_sec"])
+            print(f"{shape}: best of ours ({best['backend']}, {best['tokens_per_sec']:,.0f} tok/s) / hand-written "
+                  f"torch.compile ({peer[0]['tokens_per_sec']:,.0f} tok/s) = "
+                  f"{best['tokens_per_sec'] / peer[0]['tokens_per_sec']:.2f}x")
     for backend in args.backends.split(","):
         for shape in MOE:
             row = {r["shape"]: r for r in results if r["backend"] == backend and r["impl"] == "ours"}
