@@ -428,6 +428,10 @@ def render(report, console=None):
     summary.add_column("detail")
     shape = (f"{a['block_style']}, {a['num_layers']} layers, d_model {a['d_model']}, {a['num_heads']} heads, "
              f"d_ff {a['d_ff']}, vocab {a['vocab_size']:,}, seq_len {a['seq_len']}")
+    if a.get("ttt"):
+        shape += f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} blocks"
+    if a.get("moe"):
+        shape += f"; MoE in {len(a['moe']['blocks'])} blocks, {a['moe']['num_experts']} experts, top-{a['moe']['top_k']}"
     summary.add_row("model", "", shape)
     summary.add_row("parameters", f"{p['total']:,}",
                     f"{p['non_embedding']:,} non-embedding, {p['embedding']:,} embedding")
