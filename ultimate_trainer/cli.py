@@ -206,6 +206,9 @@ def _cost(argv):
                "  ultimate-trainer cost --recipe ttt-125m --devices 8 --device-type a100 --wall-time 2.7h\n"
                "  ultimate-trainer cost --recipe moe-1b --devices 8 --sharding fsdp --json",
     )
+    for action in parser._actions:  # the train parser's --json speaks of --dry-run
+        if action.dest == "run.json":
+            action.help = "print the report as one JSON object"
     group = parser.add_argument_group("cost")
     group.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
                        help=f"device the run is planned on; its peak comes from the MFU table of training "
