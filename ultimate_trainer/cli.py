@@ -27,10 +27,13 @@ commands:
   prepare-data      tokenize the dataset into shards: prepare-data --data-dir DIR [dataset/tokenizer flags]
   generate          sample text: generate --checkpoint DIR --prompt TEXT; see generate --help
   export            write a checkpoint as a Hugging Face transformers model; see export --help
+  cost              parameters, FLOPs, time, memory and Chinchilla loss of a run; see cost --help
+  recipes           list the shipped recipes (train one with --recipe NAME)
 examples:
   python -m ultimate_trainer --model-preset nano --dry-run
   python -m ultimate_trainer --model-preset tiny --backend torch --max-steps 200
   python -m ultimate_trainer --target-params 20M --prefer-depth --dry-run --json
+  python -m ultimate_trainer cost --recipe ttt-125m --devices 8 --wall-time 2.7h
 """
 
 
@@ -48,11 +51,11 @@ def _help_text(f):
     return text
 
 
-def build_parser():
+def build_parser(prog="ultimate-trainer", description=DESCRIPTION, epilog=EPILOG):
     parser = _Parser(
-        prog="ultimate-trainer",
-        description=DESCRIPTION,
-        epilog=EPILOG,
+        prog=prog,
+        description=description,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     groups = {}
@@ -191,7 +194,80 @@ def _export(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "prepare-data": _prepare_data, "generate": _generate, "export": _export}
+def _cost(argv):
+    """`cost [train flags] [--device-type T --devices N --mfu F | --wall-time 2.7h ...]`."""
+    from ultimate_trainer import cost as cost_lib
+
+    parser = build_parser(
+        prog="ultimate-trainer cost",
+        description="What a run costs, from its flags, preset or recipe (never its data): exact parameters, "
+                    "FLOPs, time on N devices, memory per device, and the Chinchilla tokens and loss (docs/cost.md).",
+        epilog="examples:\n  ultimate-trainer cost --model-preset small --total-tokens 1B\n"
+               "  ultimate-trainer cost --recipe ttt-125m --devices 8 --device-type a100 --wall-time 2.7h\n"
+               "  ultimate-trainer cost --recipe moe-1b --devices 8 --sharding fsdp --json",
+    )
+    for action in parser._actions:  # the train parser's --json speaks of --dry-run
+        if action.dest == "run.json":
+            action.help = "print the report as one JSON object"
+    group = parser.add_argument_group("cost")
+    group.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
+                       help=f"device the run is planned on; its peak comes from the MFU table of training "
+                            f"(default: {cost_lib.DEFAULT_DEVICE})")
+    group.add_argument("--devices", type=int, default=1, help="number of devices (default: 1)")
+    group.add_argument("--mfu", type=float, default=None,
+                       help=f"model FLOPs utilisation to plan with (default: {cost_lib.DEFAULT_MFU})")
+    group.add_argument("--wall-time", default=None, metavar="DURATION",
+                       help="instead of --mfu: a measured or stated run time (2.7h, 90m, 45s); prints the MFU it implies")
+    group.add_argument("--sharding", default="data", choices=cost_lib.SHARDING,
+                       help="how the devices share the model: data (replicated), fsdp (states split) or model "
+                            "(tensor parallel) (default: data)")
+    group.add_argument("--remat", action="store_true",
+                       help="estimate memory with each block recomputed in the backward pass")
+    values = vars(parser.parse_args(argv))
+    options = {name: values.pop(name) for name in ("device_type", "devices", "mfu", "wall_time", "sharding", "remat")}
+    as_json = values.pop("run.json", False)
+    ignored = sorted(config_lib.flag_name(f) for attr, _, f in config_lib.iter_fields()
+                     if f"{attr}.{f.name}" in values and f"{attr}.{f.name}" not in cost_lib.COST_FIELDS)
+    cfg = config_lib.resolve_config(values)
+    wall = options.pop("wall_time")
+    report = cost_lib.estimate(cfg, wall_seconds=cost_lib.parse_duration(wall) if wall else None, **options)
+    if ignored:
+        report["notes"].append(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not change the cost; "
+                               f"ignored here")
+    if as_json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        cost_lib.render(report)
+    return 0
+
+
+def _recipes(argv):
+    """`recipes [--device-type T] [--mfu F] [--json]`: the shipped recipes and their cost."""
+    from ultimate_trainer import cost as cost_lib
+    from ultimate_trainer import recipes
+
+    parser = _Parser(prog="ultimate-trainer recipes",
+                     description="The shipped recipes (presets/*.yaml); train one with `train --recipe NAME`.")
+    parser.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
+                        help=f"device to price the runs on (default: {cost_lib.DEFAULT_DEVICE})")
+    parser.add_argument("--mfu", type=float, default=cost_lib.DEFAULT_MFU,
+                        help=f"model FLOPs utilisation to price at (default: {cost_lib.DEFAULT_MFU})")
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    args = parser.parse_args(argv)
+    rows = cost_lib.recipe_table(recipes.recipe_names(), args.device_type, args.mfu)
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        cost_lib.render_recipes(rows, args.device_type, args.mfu)
+    return 0
+
+
+COMMANDS = {"train": _train, "prepare-data": _prepare_data, "generate": _generate, "export": _export,
+            "cost": _cost, "recipes": _recipes}
 
 
 def main(argv=None):

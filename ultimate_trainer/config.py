@@ -191,6 +191,7 @@ class CloudConfig:
 class RunConfig:
     backend: str = _opt(None, "Keras backend (default: $KERAS_BACKEND, else jax).", type=str, choices=["jax", "torch", "tensorflow"])
     config: str = _opt(None, "YAML recipe; flags on the command line override it.", type=str, metavar="RECIPE.yaml")
+    recipe: str = _opt(None, "A shipped recipe by name, e.g. ttt-125m (`ultimate-trainer recipes` lists them); flags on the command line override it, as with --config.", type=str, metavar="NAME")
     dry_run: bool = _opt(False, "Resolve everything, print the plan and exit without training.")
     json: bool = _opt(False, "With --dry-run or --eval-only: print the result as one JSON object.")
     eval_only: bool = _opt(False, "Evaluate the checkpoint of --init-from (or --resume-from) on the validation data and exit.")
@@ -371,6 +372,12 @@ def resolve_config(cli_values, recipe_path=None):
     `run.config` value) names a YAML recipe that the flags override.
     """
     recipe_path = recipe_path or cli_values.get("run.config")
+    if cli_values.get("run.recipe"):
+        from ultimate_trainer import recipes
+
+        if recipe_path:
+            raise UserError("--recipe and --config both name the recipe; pass only one")
+        recipe_path = recipes.recipe_path(cli_values["run.recipe"])
     merged = {}
     if recipe_path:
         index = _field_index()
