@@ -4,13 +4,13 @@ import doctest
 
 import pytest
 
-from ultimate_trainer import config
+from ultimate_trainer import config, distribution
 from ultimate_trainer.data import pipeline, tokenizers
 from ultimate_trainer.models import sizing
 from ultimate_trainer.training import callbacks, mfu, schedules
 
 
-@pytest.mark.parametrize("module", [config, sizing, pipeline, tokenizers, callbacks, schedules, mfu])
+@pytest.mark.parametrize("module", [config, distribution, sizing, pipeline, tokenizers, callbacks, schedules, mfu])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.failed == 0
