@@ -331,6 +331,7 @@ def setup(cfg, dry_run=False):
         if processes > 1:
             raise UserError("--distribution none trains on one device, but this is a multi-process run; "
                             "use --distribution data, fsdp or model (or auto)")
+        keras.distribution.set_distribution(None)
         return Distribution("none", backend, {BATCH: 1, MODEL: 1}, reason)
     mesh = resolve_mesh(mode, d.mesh, count)
     from ultimate_trainer.models.causal_lm import CausalLM
@@ -348,7 +349,7 @@ def setup(cfg, dry_run=False):
     dist.layout_map = CausalLM.get_layout_map(device_mesh, fsdp=mode == "fsdp")
     if processes > 1:
         dist.local_rows = _local_rows(device_mesh, mesh[BATCH])
-    dist.strategy = _keras_distribution(mode, device_mesh, dist.layout_map, mesh)
+    dist.strategy = keras_distribution(mode, device_mesh, dist.layout_map, mesh)
     keras.distribution.set_distribution(dist.strategy)
     return dist
 
@@ -366,12 +367,18 @@ def _local_rows(device_mesh, data_parallel):
     return held[0], held[-1] + 1
 
 
-def _keras_distribution(mode, device_mesh, layout_map, mesh):
-    """DataParallel / ModelParallel whose variable layouts come from the model's
-    layout map fitted to each weight's shape (`fit_axes`); `adjusted` records
-    each weight whose layout had to change. Inputs are split per process by
-    `Distribution.process_batches`, not by Keras' auto-sharding, which refuses
-    the validation set's last, shorter batch."""
+def keras_distribution(mode, device_mesh, layout_map, mesh):
+    """A keras DataParallel (`mode` data) or ModelParallel whose variable
+    layouts come from `layout_map` fitted to each weight's shape (`fit_axes`);
+    its `adjusted` records each weight whose layout had to change. Inputs are
+    split per process by `Distribution.process_batches`, not by Keras'
+    auto-sharding, which refuses the validation set's last, shorter batch.
+
+    Example:
+        mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"))
+        strategy = keras_distribution("model", mesh, CausalLM.get_layout_map(mesh), {"batch": 2, "model": 2})
+        keras.distribution.set_distribution(strategy)
+    """
     import keras
 
     def fitted(self, variable):
