@@ -169,7 +169,8 @@ def _assert_equal_losses(tmp_path, model_flags):
 
 
 def test_data_and_model_parallel_losses_equal_one_device(tmp_path):
-    # The acceptance check on a model smaller than `tiny` (test_tiny_... runs `tiny`, slow).
+    # The acceptance check, on a model smaller than `tiny` (test_tiny_... runs `tiny`, slow). Over
+    # 20 s on purpose: three real runs in one process, each ending with its checkpoint and samples.
     small = ["--d-model", "64", "--num-layers", "2", "--num-heads", "4", "--d-ff", "128", "--seq-len", "32",
              "--dropout-rate", "0"]
     results = _assert_equal_losses(tmp_path, small)
@@ -195,8 +196,9 @@ def test_mesh_and_batch_errors_and_the_dry_run_plan(tmp_path):
         [*flags, "--distribution", "data", "--global-batch-size", "6", "--batch-size", "1"],
         [*flags, "--distribution", "model", "--mesh", "model=2", "--dry-run"],
         [*flags, "--distribution", "auto", "--dry-run"],
+        [*flags, "--distribution", "data", "--seq-len", "256", "--batch-size", "32", "--dry-run", "--json"],
     ]
-    mesh, batch, dry, auto = _run_checks("cli", stdin=json.dumps(argvs))
+    mesh, batch, dry, auto, small_val = _run_checks("cli", stdin=json.dumps(argvs))
     assert mesh["rc"] == 2 and "needs a multiple of 6 devices, but 4 were found" in mesh["stderr"]
     assert batch["rc"] == 2
     assert "--global-batch-size 6 is not a multiple of --batch-size 1 x 4 data-parallel device(s)" in batch["stderr"]
@@ -205,6 +207,11 @@ def test_mesh_and_batch_errors_and_the_dry_run_plan(tmp_path):
     assert ".*/attention/qkv/kernel -> (None, model)" in dry["stdout"]
     assert "global batch 8 = 4 per device x 2 data-parallel devices" in dry["stdout"]
     assert "distribution: data (auto: 4 devices)" in auto["stdout"]
+    # 104 validation windows, less than one micro-batch of 32 x 4: a batch of 104 = 26 per device.
+    plan = json.loads(small_val["stdout"])
+    assert plan["data"]["val_windows"] == 104
+    assert (plan["data"]["eval_batch_size"], plan["data"]["eval_batches"]) == (104, 1)
+    assert plan["schedule"]["global_batch_size"] == 128 and plan["distribution"]["data_parallel"] == 4
 
 
 @pytest.mark.slow
@@ -276,3 +283,17 @@ def test_two_process_cluster_trains_saves_once_and_resumes_on_both(tmp_path):
                        tmp_path, "second")
     assert "resumed from" in out0
     assert _losses(second) == pytest.approx(_losses(first)[2:], abs=1e-5)
+
+
+def test_bfloat16_is_the_default_on_an_accelerator_unless_chosen():
+    cpu = {"devices": {"cpu": 1}}
+    gpu = {"devices": {"gpu": 8, "cpu": 1}}
+    cfg = config_lib.resolve_config({"model.model_preset": "nano"})
+    assert dl.device_defaults(cfg, cpu) is None and not cfg.optimization.use_mixed_precision
+    line = dl.device_defaults(cfg, gpu)
+    assert cfg.optimization.use_mixed_precision and "bfloat16 compute" in line and "flash attention on" in line
+    cfg = config_lib.resolve_config({"model.model_preset": "nano", "optimization.use_mixed_precision": False,
+                                     "model.flash_attention": False})
+    line = dl.device_defaults(cfg, gpu)
+    assert not cfg.optimization.use_mixed_precision and "bfloat16 off as given" in line
+    assert "off (--no-flash-attention)" in line

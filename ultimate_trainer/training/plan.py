@@ -122,15 +122,21 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             f"the validation data holds {val_tokens} tokens, fewer than one window of {window}; "
             f"raise --val-fraction or --max-val-examples, or lower --seq-len"
         )
-    eval_batches = eval_batches_for(val_windows, micro_batch, cfg.output.eval_steps, whole=data_parallel > 1)
-    if eval_batches == 0 and cfg.output.eval_enabled:
-        raise UserError(
-            f"the validation data holds {val_windows} windows, fewer than one batch of {micro_batch} "
-            f"(--batch-size {t.batch_size} x {data_parallel} data-parallel devices); raise --val-fraction or "
-            f"--max-val-examples, or lower --batch-size"
-        )
-
     notes = []
+    eval_batch = micro_batch
+    if data_parallel > 1 and val_windows < micro_batch:
+        # A smaller validation batch that still fills every device equally.
+        eval_batch = val_windows // data_parallel * data_parallel
+        if eval_batch == 0 and cfg.output.eval_enabled:
+            raise UserError(
+                f"the validation data holds {val_windows} windows, fewer than the {data_parallel} data-parallel "
+                f"devices; raise --val-fraction or --max-val-examples, or pass --no-eval"
+            )
+        notes.append(f"validation batches of {eval_batch} (the {val_windows} validation windows hold less than "
+                     f"one training micro-batch of {micro_batch})")
+    eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
+        if eval_batch else 0
+
     if getattr(inputs, "rows", None):
         notes.append(
             f"--state-passing: each of the {inputs.rows} batch rows reads its own contiguous stream of the training "
@@ -185,6 +191,7 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             "windows_per_epoch": windows_per_epoch,
             "val_windows": val_windows,
             "eval_batches": eval_batches,
+            "eval_batch_size": eval_batch,
         },
         "schedule": {
             "rule": rule,

@@ -45,8 +45,9 @@ def train(cfg):
                                      bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
     # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
-    if not continuing and not cfg.run.eval_only and dist.is_chief:
+    if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
+    dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
     batch_line = config_lib.resolve_batch(cfg.training, data_parallel=dist.data_parallel)
     if dist.data_parallel > 1 and not batch_line:
@@ -156,16 +157,16 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     from ultimate_trainer.checkpoint.store import init_from
     from ultimate_trainer.models.causal_lm import build_causal_lm
 
-    micro = dist.micro_batch(cfg.training)
+    eval_batch = plan["data"]["eval_batch_size"]
     with dist.scope():
         model = build_causal_lm(cfg.model, tokenizer.vocab_size)
         init_from(model, checkpoint)
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     batches = plan["data"]["eval_batches"]
-    loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(micro)), steps=batches, verbose=0,
+    loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
                                 return_dict=True)["loss"])
     result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-              "val_tokens": batches * micro * cfg.model.seq_len}
+              "val_tokens": batches * eval_batch * cfg.model.seq_len}
     if cfg.run.json:
         print(json.dumps(result))
     else:
@@ -288,7 +289,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             start_step = state["step"]
             say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
 
-    val_ds = _with_workers(dist.process_batches(inputs.eval_dataset(micro)), cfg.loader.num_workers)
+    val_ds = _with_workers(dist.process_batches(inputs.eval_dataset(plan["data"]["eval_batch_size"])),
+                           cfg.loader.num_workers)
 
     def evaluate():
         return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
