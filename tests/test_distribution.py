@@ -183,6 +183,19 @@ def test_tiny_data_and_model_parallel_losses_equal_one_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_ttt_state_passing_data_parallel_equals_one_device(tmp_path):
+    # Each row of the global micro-batch is its own stream; the carried states are split by row.
+    common = [*tiny_model_flags(), "--ttt-layer-type", "linear", "--ttt-mini-batch-size", "8", "--state-passing",
+              "--max-steps", "3", "--log-every", "1", "--no-eval", "--no-tensorboard"]
+    argvs = [[*common, "--distribution", "none", "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
+             [*common, "--distribution", "data", "--batch-size", "2", "--output-dir", str(tmp_path / "data")]]
+    one, data = _run_checks("cli", stdin=json.dumps(argvs))
+    assert one["rc"] == 0 and data["rc"] == 0, data["stderr"][-2000:]
+    assert "carried TTT states split by batch row" in data["stdout"]
+    assert _losses(tmp_path / "data") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_every_layer_type_trains_sharded_as_on_one_device():
     out = _run_checks("layouts-fit")
     assert out["sharded_losses"] == pytest.approx(out["single_losses"], abs=1e-4)
