@@ -178,3 +178,34 @@ def bf16_unsupported_reason():
         if tuple(capability) < (8, 0):
             return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
     return None
+
+
+def replica_summed_gradients(grads):
+    """(gradients, replicas): under a tensorflow `tf.distribute` strategy with
+    several replicas each replica holds only its share of the gradient, and
+    Keras sums the shares after clipping; this sums them first (an all-reduce)
+    so a global norm and its clip see the whole gradient. Divide the clipped
+    gradients by `replicas` before handing them back to Keras, which sums again.
+    Elsewhere `(grads, 1)` unchanged (jax's keras.distribution computes the
+    whole gradient in one program).
+
+    Example:
+        grads, replicas = replica_summed_gradients(grads)
+        norm = global_norm(grads)
+        grads = [g * scale / replicas for g in grads]
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return grads, 1
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return grads, 1
+    present = [i for i, g in enumerate(grads) if g is not None]
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.convert_to_tensor(grads[i]) for i in present])
+    out = list(grads)
+    for i, g in zip(present, summed):
+        out[i] = g
+    return out, context.num_replicas_in_sync

@@ -155,7 +155,16 @@ class LoaderConfig:
 
 @dataclasses.dataclass
 class OptimizationConfig:
-    use_mixed_precision: bool = _opt(False, "bfloat16 compute with float32 weights.")
+    use_mixed_precision: bool = _opt(False, "bfloat16 compute with float32 weights (default: on for a GPU or TPU that has bfloat16, off on CPU; --no-use-mixed-precision forces float32).", boolean_optional=True)
+
+
+@dataclasses.dataclass
+class DistributionConfig:
+    distribution: str = _opt("auto", "How to spread training over devices (docs/distributed.md): `data` replicates the model and splits each batch; `fsdp` also splits every weight over the batch axis; `model` splits weights over the model axis of --mesh (tensor, expert and head parallelism); `auto`: data over all devices when there are several (jax; tensorflow: several GPUs), else one device; `none`: one device.", choices=["auto", "none", "data", "fsdp", "model"])
+    mesh: str = _opt(None, "Device mesh for --distribution data/fsdp/model, e.g. batch=2,model=4 (an axis left out takes the remaining devices; default: all devices on batch, or on model for --distribution model).", type=str, metavar="batch=B,model=M")
+    coordinator_address: str = _opt(None, "Multi-process run: HOST:PORT of process 0, the same on every process (or KERAS_DISTRIBUTION_JOB_ADDRESSES); jax only.", type=str, metavar="HOST:PORT")
+    num_processes: int = _opt(None, "Multi-process run: number of processes (or KERAS_DISTRIBUTION_NUM_PROCESSES).", type=int)
+    process_id: int = _opt(None, "Multi-process run: this process's id, 0 to --num-processes - 1 (or KERAS_DISTRIBUTION_PROCESS_ID); process 0 writes logs and checkpoints.", type=int)
 
 
 @dataclasses.dataclass
@@ -205,6 +214,7 @@ SECTIONS = [
     ("training", "training", TrainingConfig),
     ("loader", "data loading", LoaderConfig),
     ("optimization", "optimization", OptimizationConfig),
+    ("distribution", "distribution", DistributionConfig),
     ("output", "checkpoint & logging", OutputConfig),
     ("cloud", "cloud", CloudConfig),
     ("run", "run", RunConfig),
@@ -219,6 +229,7 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     optimization: OptimizationConfig = dataclasses.field(default_factory=OptimizationConfig)
+    distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
     cloud: CloudConfig = dataclasses.field(default_factory=CloudConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -567,6 +578,7 @@ def validate(cfg):
     if cfg.output.wandb_run_name and not cfg.output.wandb_project:
         raise UserError("--wandb-run-name names a W&B run; add --wandb-project PROJECT")
     _validate_cloud(cfg.cloud, cfg.output.resume_from, flags)
+    _validate_distribution(cfg.distribution)
     loader = cfg.loader
     _positive(loader.shuffle_buffer_size, flags["shuffle_buffer_size"])
     if loader.stride is not None and not 0 <= loader.stride < m.seq_len:
@@ -754,6 +766,18 @@ def _validate_moe(m, explicit, flags):
                 f"--lora-targets {ffn[0]} adapts the dense MLP, which MoE blocks replace with experts; "
                 f"use --lora-targets qkv,out with --num-experts"
             )
+
+
+def _validate_distribution(d):
+    from ultimate_trainer import distribution
+
+    if d.mesh is not None:
+        if d.distribution in ("auto", "none"):
+            raise UserError(f"--mesh {d.mesh} lays out --distribution data, fsdp or model; add one of them")
+        distribution.parse_mesh(d.mesh)
+    if d.num_processes is not None and d.num_processes < 1:
+        raise UserError(f"--num-processes must be a positive number, got {d.num_processes}")
+    distribution.cluster_settings(d)
 
 
 def _validate_cloud(c, resume_from, flags):

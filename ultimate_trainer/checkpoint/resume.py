@@ -109,8 +109,9 @@ _DATA_KEYS = (("training", "batch_size"), ("training", "gradient_accumulation_st
               ("model", "state_passing"))
 
 
-def check_resumable(cfg, checkpoint, state, inputs):
-    """Refuses a resume whose data stream would not continue the checkpoint's."""
+def check_resumable(cfg, checkpoint, state, inputs, sequences_per_step=None):
+    """Refuses a resume whose data stream would not continue the checkpoint's
+    (`sequences_per_step`: this run's, over all devices)."""
     saved = json.loads((Path(checkpoint) / "training_args.json").read_text())
     for section, key in _DATA_KEYS:
         ours = getattr(getattr(cfg, section), key)
@@ -120,6 +121,15 @@ def check_resumable(cfg, checkpoint, state, inputs):
             raise UserError(
                 f"--resume-from {checkpoint}: it was trained with {flag} {theirs}, this run has {ours}; "
                 f"resume with the same value (use --init-from to start a new run from its weights)"
+            )
+    if sequences_per_step is not None:
+        t = saved["training"]
+        theirs = state.get("sequences_per_step", t["batch_size"] * t.get("gradient_accumulation_steps", 1))
+        if theirs != sequences_per_step:
+            raise UserError(
+                f"--resume-from {checkpoint}: its steps took {theirs} sequences, this run's take {sequences_per_step} "
+                f"(--batch-size per device x data-parallel devices x accumulation); resume on the same number of "
+                f"data-parallel devices"
             )
     data = state.get("data", {})
     if data.get("kind") != inputs.kind or data.get("windows_per_epoch") != inputs.windows_per_epoch:

@@ -6,6 +6,8 @@ updates) and `--skip-nonfinite`."""
 import keras
 from keras import ops
 
+from ultimate_trainer import backend as backend_lib
+
 
 def no_decay_variables(model):
     """Norm scales, biases (all 1-D) and embedding tables are not decayed,
@@ -65,7 +67,9 @@ class UpdateStats:
         return super()._get_current_learning_rate()
 
     def _clip_gradients(self, grads):
-        # Called once per update, on the (accumulated) gradients.
+        # Called once per update, on the (accumulated) gradients; under a
+        # tensorflow MirroredStrategy on each replica's share, so the shares are summed first.
+        grads, replicas = backend_lib.replica_summed_gradients(grads)
         norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(_dense(g), "float32"))) for g in grads if g is not None))
         finite = ops.isfinite(norm)
         self.grad_norm_sum.assign_add(ops.where(finite, norm, 0.0))
@@ -73,8 +77,10 @@ class UpdateStats:
         if not self.skip_nonfinite:
             self.nonfinite_updates.assign_add(1 - ops.cast(finite, "int32"))
         if self.global_clipnorm:
-            scale = self.global_clipnorm / ops.maximum(norm, self.global_clipnorm)
+            scale = self.global_clipnorm / ops.maximum(norm, self.global_clipnorm) / replicas
             return [g if g is None else g * ops.cast(scale, g.dtype) for g in grads]
+        if replicas > 1:  # Keras sums the replicas' gradients after this
+            grads = [g if g is None else g / replicas for g in grads]
         return super()._clip_gradients(grads)
 
     def apply(self, grads, trainable_variables=None):

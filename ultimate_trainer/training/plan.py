@@ -11,8 +11,10 @@ from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
 
 
-def eval_batches_for(val_windows, batch_size, limit=None):
-    count = math.ceil(val_windows / batch_size)
+def eval_batches_for(val_windows, batch_size, limit=None, whole=False):
+    """Validation batches; `whole`: full batches only (a batch split over several
+    devices must fill them all), the last windows left out."""
+    count = val_windows // batch_size if whole else math.ceil(val_windows / batch_size)
     return min(count, limit) if limit else count
 
 
@@ -99,17 +101,19 @@ def model_summary(model_cfg, vocab_size):
     return architecture, params, flops
 
 
-def make_plan(cfg, tokenizer, inputs):
+def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     """Everything a run will do, as plain data (what `--dry-run --json` prints).
 
-    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`.
+    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`; `data_parallel`
+    devices each take --batch-size sequences of every micro-batch.
     """
     m, t = cfg.model, cfg.training
     architecture, params, flops = model_summary(m, tokenizer.vocab_size)
     window, step = inputs.window, inputs.step
     train_tokens, val_tokens = inputs.train_tokens, inputs.val_tokens
     windows_per_epoch = inputs.windows_per_epoch
-    sequences_per_step = t.batch_size * t.gradient_accumulation_steps
+    micro_batch = t.batch_size * data_parallel
+    sequences_per_step = micro_batch * t.gradient_accumulation_steps
     tokens_per_step = sequences_per_step * m.seq_len
     steps_per_epoch = windows_per_epoch // sequences_per_step
     val_windows = inputs.val_windows
@@ -118,9 +122,21 @@ def make_plan(cfg, tokenizer, inputs):
             f"the validation data holds {val_tokens} tokens, fewer than one window of {window}; "
             f"raise --val-fraction or --max-val-examples, or lower --seq-len"
         )
-    eval_batches = eval_batches_for(val_windows, t.batch_size, cfg.output.eval_steps)
-
     notes = []
+    eval_batch = micro_batch
+    if data_parallel > 1 and val_windows < micro_batch:
+        # A smaller validation batch that still fills every device equally.
+        eval_batch = val_windows // data_parallel * data_parallel
+        if eval_batch == 0 and cfg.output.eval_enabled:
+            raise UserError(
+                f"the validation data holds {val_windows} windows, fewer than the {data_parallel} data-parallel "
+                f"devices; raise --val-fraction or --max-val-examples, or pass --no-eval"
+            )
+        notes.append(f"validation batches of {eval_batch} (the {val_windows} validation windows hold less than "
+                     f"one training micro-batch of {micro_batch})")
+    eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
+        if eval_batch else 0
+
     if getattr(inputs, "rows", None):
         notes.append(
             f"--state-passing: each of the {inputs.rows} batch rows reads its own contiguous stream of the training "
@@ -133,7 +149,7 @@ def make_plan(cfg, tokenizer, inputs):
     elif t.total_tokens:
         total_steps = max(1, t.total_tokens // tokens_per_step)
         rule = (
-            f"--total-tokens {t.total_tokens:,} / ({t.batch_size} batch x "
+            f"--total-tokens {t.total_tokens:,} / ({micro_batch} batch x "
             f"{t.gradient_accumulation_steps} accumulation x {m.seq_len} seq_len) = {total_steps:,} steps"
         )
     else:
@@ -175,6 +191,7 @@ def make_plan(cfg, tokenizer, inputs):
             "windows_per_epoch": windows_per_epoch,
             "val_windows": val_windows,
             "eval_batches": eval_batches,
+            "eval_batch_size": eval_batch,
         },
         "schedule": {
             "rule": rule,
@@ -182,6 +199,8 @@ def make_plan(cfg, tokenizer, inputs):
             "steps_per_epoch": steps_per_epoch,
             "epochs": total_steps / steps_per_epoch if steps_per_epoch else None,
             "batch_size": t.batch_size,
+            "data_parallel": data_parallel,
+            "global_batch_size": sequences_per_step,
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "tokens_per_step": tokens_per_step,
             "total_tokens": total_steps * tokens_per_step,
@@ -208,8 +227,8 @@ def _sizing(model_cfg, total):
     }
 
 
-def format_plan(plan):
-    """Human-readable lines for a plan."""
+def format_plan(plan, layout_rules=False):
+    """Human-readable lines for a plan (`layout_rules`: also each rule of the layout map)."""
     a, p, d, s = plan["architecture"], plan["parameters"], plan["data"], plan["schedule"]
     lines = [
         f"model: {a['block_style']} decoder"
@@ -244,6 +263,10 @@ def format_plan(plan):
             f"d_model {a['d_model']}, {a['num_layers']} layers, {a['num_heads']} heads, d_ff {a['d_ff']}: "
             f"{z['total_params']:,} parameters ({100 * z['deviation']:+.2f}%), d_model/layers {z['aspect_ratio']:.0f}"
         ))
+    if plan.get("distribution"):
+        from ultimate_trainer.distribution import format_distribution
+
+        lines += format_distribution(plan["distribution"], rules=layout_rules)
     if plan.get("peak_flops"):
         peak = plan["peak_flops"]
         lines.append(

@@ -76,6 +76,23 @@ class MetricsSink:
             self._wandb = None
 
 
+class NullSink:
+    """Where the records of processes other than 0 go in a multi-process run:
+    nowhere (process 0 writes metrics.jsonl, TensorBoard and W&B).
+
+    Example:
+        NullSink().write({"step": 10, "loss": 3.2})   # no-op
+    """
+
+    path = None
+
+    def write(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
 def _start_wandb(output_dir, project, run_name, config):
     try:
         import wandb

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ultimate_trainer import backend as backend_lib
 from ultimate_trainer import config as config_lib
+from ultimate_trainer import distribution as distribution_lib
 from ultimate_trainer.checkpoint.resume import check_resumable, find_checkpoint, read_state
 from ultimate_trainer.checkpoint.run_dir import prepare_output_dir
 from ultimate_trainer.data import shards, sources, tokenizers
@@ -20,33 +21,52 @@ from ultimate_trainer.training.plan import format_plan, make_plan
 SAMPLE_PROMPTS = ("The ", "A function ", "In Python, ")
 
 
+# In a multi-process run only process 0 prints (and writes); see `train`.
+_CHIEF = [True]
+
+
 def say(message):
-    print(message, flush=True)
+    if _CHIEF[0]:
+        print(message, flush=True)
 
 
 def train(cfg):
     """Trains as `cfg` says; returns the process exit code."""
+    # First: joining a cluster must come before anything asks jax for its devices.
+    dist = distribution_lib.setup(cfg, dry_run=cfg.run.dry_run)
+    _CHIEF[0] = dist.is_chief
     out = Path(cfg.output.output_dir)
     resume = None
-    if cfg.output.resume_from:
-        from ultimate_trainer.checkpoint import cloud
+    with dist.chief_first():  # process 0 fetches a remote checkpoint, then the others find it cached
+        if cfg.output.resume_from:
+            from ultimate_trainer.checkpoint import cloud
 
-        resume = find_checkpoint(cfg.output.resume_from, out, say,
-                                 bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
+            resume = find_checkpoint(cfg.output.resume_from, out, say,
+                                     bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
     # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
     if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
+    dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
-    # One data-parallel replica until keras.distribution lands (issue #9).
-    batch_line = config_lib.resolve_batch(cfg.training, data_parallel=1)
+    batch_line = config_lib.resolve_batch(cfg.training, data_parallel=dist.data_parallel)
+    if dist.data_parallel > 1 and not batch_line:
+        t = cfg.training
+        batch_line = (f"global batch {t.batch_size * dist.data_parallel * t.gradient_accumulation_steps} = "
+                      f"{t.batch_size} per device x {dist.data_parallel} data-parallel devices x "
+                      f"{t.gradient_accumulation_steps} accumulation steps")
     if batch_line and not cfg.run.json:
         say(batch_line)
-    tokenizer, inputs = load_inputs(cfg)
-    plan = make_plan(cfg, tokenizer, inputs)
+    with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
+        tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training))
+    plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
+    plan["distribution"] = dist.describe()
     devices = backend_lib.describe_devices()
     plan["backend"] = devices
-    plan["peak_flops"] = _peak_flops(cfg, devices)
+    defaults_line = distribution_lib.device_defaults(cfg, devices)
+    if defaults_line:
+        plan["notes"].append(defaults_line)
+    plan["peak_flops"] = _peak_flops(cfg, devices, dist.devices)
     if resume is not None:
         if cfg.model.use_lora:
             raise UserError(
@@ -54,7 +74,7 @@ def train(cfg):
                 f"weights; start a new LoRA run with --init-from {resume}"
             )
         state = read_state(resume)
-        check_resumable(cfg, resume, state, inputs)
+        check_resumable(cfg, resume, state, inputs, plan["schedule"]["global_batch_size"])
         plan["resume"] = {"checkpoint": str(resume), "step": state["step"], "data": state["data"]}
 
     if cfg.run.dry_run:
@@ -62,27 +82,26 @@ def train(cfg):
             print(json.dumps(plan, indent=2))
         else:
             say(_backend_line(devices))
-            for line in format_plan(plan):
+            for line in format_plan(plan, layout_rules=True):
                 say(line)
             say("dry run: nothing trained")
         return 0
 
     if cfg.run.eval_only:
-        return _eval_only(cfg, plan, tokenizer, inputs, resume or cfg.model.init_from)
-    moved = None if continuing else prepare_output_dir(out, cfg.output.overwrite)
+        return _eval_only(cfg, plan, tokenizer, inputs, resume or cfg.model.init_from, dist)
+    moved = None if continuing or not dist.is_chief else prepare_output_dir(out, cfg.output.overwrite)
     say(_backend_line(devices))
     if moved:
         say(f"--overwrite: moved the previous run to {moved}")
     for line in format_plan(plan):
         say(line)
-    return _fit(cfg, plan, tokenizer, inputs, out, devices, resume)
+    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume)
 
 
-def _peak_flops(cfg, devices):
-    """Peak FLOP/s of all devices the run uses, and where the figure comes from."""
+def _peak_flops(cfg, devices, count):
+    """Peak FLOP/s of the `count` devices the run uses, and where the figure comes from."""
     from ultimate_trainer.training import mfu
 
-    count = len(devices["device_names"])
     if cfg.training.peak_flops:
         return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
     name = devices["device_names"][0]
@@ -103,12 +122,14 @@ def _backend_line(devices):
     )
 
 
-def load_inputs(cfg):
-    """The run's tokenizer and its input (shards from --data-dir, else streamed text)."""
+def load_inputs(cfg, micro_batch=None):
+    """The run's tokenizer and its input (shards from --data-dir, else streamed text);
+    `micro_batch`: sequences per micro-batch over all devices (default --batch-size)."""
     from ultimate_trainer.data.inputs import ShardInputs, StreamInputs
 
     m = cfg.model
-    rows = cfg.training.batch_size if m.state_passing else None  # TTT state passing: one stream per batch row
+    # TTT state passing: one stream per row of the whole (all-device) micro-batch.
+    rows = (micro_batch or cfg.training.batch_size) if m.state_passing else None
     if cfg.data.data_dir:
         meta = shards.read_meta(cfg.data.data_dir)
         if cfg.tokenizer.tokenizer_path:
@@ -129,21 +150,23 @@ def load_inputs(cfg):
     return tokenizer, inputs
 
 
-def _eval_only(cfg, plan, tokenizer, inputs, checkpoint):
+def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     """`--eval-only`: the validation loss of a checkpoint, nothing written."""
     import keras
 
     from ultimate_trainer.checkpoint.store import init_from
     from ultimate_trainer.models.causal_lm import build_causal_lm
 
-    model = build_causal_lm(cfg.model, tokenizer.vocab_size)
-    init_from(model, checkpoint)
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    eval_batch = plan["data"]["eval_batch_size"]
+    with dist.scope():
+        model = build_causal_lm(cfg.model, tokenizer.vocab_size)
+        init_from(model, checkpoint)
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     batches = plan["data"]["eval_batches"]
-    loss = float(model.evaluate(inputs.eval_dataset(cfg.training.batch_size), steps=batches, verbose=0,
+    loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
                                 return_dict=True)["loss"])
     result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
-              "val_tokens": batches * cfg.training.batch_size * cfg.model.seq_len}
+              "val_tokens": batches * eval_batch * cfg.model.seq_len}
     if cfg.run.json:
         print(json.dumps(result))
     else:
@@ -151,11 +174,13 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint):
     return 0
 
 
-def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
+def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None):
     from ultimate_trainer.training import reporting
 
     o = cfg.output
     uploader = None
+    if not dist.is_chief:  # only process 0 writes logs, checkpoints and uploads
+        return _fit_with(reporting.NullSink(), None, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
     if cfg.cloud.cloud_provider:
         from ultimate_trainer.checkpoint import cloud
 
@@ -166,7 +191,7 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
         say(f"uploads: each checkpoint-<step> goes to {bucket.uri(prefix)} in the background")
     sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
     try:
-        return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume)
+        return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
     finally:
         if uploader is not None:
             say("uploads: waiting for the last uploads to finish")
@@ -178,7 +203,7 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, resume=None):
             say(f"loss curve: {curve}")
 
 
-def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume):
+def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume):
     import keras
 
     from ultimate_trainer.checkpoint.store import (
@@ -200,8 +225,11 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
     from ultimate_trainer.training.schedules import WarmupCosine
 
     m, t, o, s = cfg.model, cfg.training, cfg.output, plan["schedule"]
-    config_lib.write_json(cfg, out / "training_args.json")
-    tokenizer.save(out)
+    chief = dist.is_chief
+    if chief:
+        config_lib.write_json(cfg, out / "training_args.json")
+        tokenizer.save(out)
+    micro = dist.micro_batch(t)  # sequences per micro-batch over all devices
 
     keras.utils.set_random_seed(t.seed)
     if cfg.optimization.use_mixed_precision:
@@ -213,49 +241,56 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
             say("precision: bfloat16 compute, float32 weights")
     _say_attention_path(m, devices)
 
-    model = build_causal_lm(m, tokenizer.vocab_size, state_passing_rows=t.batch_size if m.state_passing else None)
-    if m.state_passing:
-        # Each stream holds this many windows; the carried states restart with the streams every epoch.
-        model.stream_windows = inputs.windows_per_row
-    if m.init_from:
-        init_from(model, m.init_from)
-        say(f"initialised from {m.init_from}")
-    write_extra = None
-    if m.use_lora:
-        targets = lora.parse_targets(m.lora_targets)
-        lora.enable_lora(model, m.lora_rank, m.lora_alpha, targets)
+    # Build, compile and restore under a tf.distribute strategy (on jax the distribution is global).
+    with dist.scope():
+        model = build_causal_lm(m, tokenizer.vocab_size, state_passing_rows=micro if m.state_passing else None)
+        if m.state_passing:
+            # Each stream holds this many windows; the carried states restart with the streams every epoch.
+            model.stream_windows = inputs.windows_per_row
+        if m.init_from:
+            init_from(model, m.init_from)
+            say(f"initialised from {m.init_from}")
+        write_extra = None
+        if m.use_lora:
+            targets = lora.parse_targets(m.lora_targets)
+            lora.enable_lora(model, m.lora_rank, m.lora_alpha, targets)
 
-        def write_extra(directory):
-            lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
-    trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
-    params = model.count_params()
-    if (params, trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
-        raise RuntimeError(
-            f"built model has {params:,} parameters ({trainable:,} trainable) but "
-            f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
-            f"the formula and the model have drifted apart"
+            def write_extra(directory):
+                lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
+        layout_report = distribution_lib.check_layouts(model, dist)
+        if layout_report is not None:
+            for line in distribution_lib.format_layout_report(layout_report, dist):
+                say(line)
+        trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
+        params = model.count_params()
+        if (params, trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
+            raise RuntimeError(
+                f"built model has {params:,} parameters ({trainable:,} trainable) but "
+                f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
+                f"the formula and the model have drifted apart"
+            )
+        schedule = WarmupCosine(t.learning_rate, s["lr_end"], s["warmup_steps"], s["total_steps"])
+        model.compile(
+            optimizer=build_optimizer(t, schedule, model),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    schedule = WarmupCosine(t.learning_rate, s["lr_end"], s["warmup_steps"], s["total_steps"])
-    model.compile(
-        optimizer=build_optimizer(t, schedule, model),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    if t.skip_nonfinite:
-        # A skipped update's loss stays out of the logged mean. Set untracked, as
-        # `compile` sets it: the built model refuses new tracked state.
-        object.__setattr__(model, "_loss_tracker", FiniteMean(name="loss"))
+        if t.skip_nonfinite:
+            # A skipped update's loss stays out of the logged mean. Set untracked, as
+            # `compile` sets it: the built model refuses new tracked state.
+            object.__setattr__(model, "_loss_tracker", FiniteMean(name="loss"))
 
-    start_step = 0
-    if resume is not None:
-        state = read_state(resume)
-        check_architecture(model, resume, "--resume-from")
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(Path(resume) / MODEL_FILE)  # weights and optimizer slots, iterations included
-        set_rng_state(model, state.get("rng"))
-        start_step = state["step"]
-        say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
+        start_step = 0
+        if resume is not None:
+            state = read_state(resume)
+            check_architecture(model, resume, "--resume-from")
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(Path(resume) / MODEL_FILE)  # weights and optimizer slots, iterations included
+            set_rng_state(model, state.get("rng"))
+            start_step = state["step"]
+            say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
 
-    val_ds = _with_workers(inputs.eval_dataset(t.batch_size), cfg.loader.num_workers)
+    val_ds = _with_workers(dist.process_batches(inputs.eval_dataset(plan["data"]["eval_batch_size"])),
+                           cfg.loader.num_workers)
 
     def evaluate():
         return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
@@ -271,16 +306,22 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
             "step": step,
             "tokens_seen": step * tokens_per_step,
             # Windows (sequences) drawn from the stream so far, micro-batches included.
-            "data": inputs.state(step * t.batch_size * accumulation, t.seed),
+            "data": inputs.state(step * micro * accumulation, t.seed),
+            "sequences_per_step": micro * accumulation,
             "rng": rng_state(model),
         }
 
     def save(step):
         if step in saved:
             return saved[step]
-        path = save_checkpoint(model, tokenizer, cfg, out, f"checkpoint-{step}", _state(step), write_extra,
-                               latest=True)
+        # Every process takes part (weights split across processes are gathered); process 0 writes.
+        with dist.host_values(model):
+            path = out / f"checkpoint-{step}"
+            if chief:
+                path = save_checkpoint(model, tokenizer, cfg, out, path.name, _state(step), write_extra, latest=True)
         saved[step] = path
+        if not chief:
+            return path
         say(f"saved {path}")
         if uploader is not None:
             uploader.submit(path)
@@ -294,8 +335,10 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         return path
 
     def save_milestone(step):
-        path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
-        say(f"saved milestone {path}")
+        with dist.host_values(model):
+            if chief:
+                path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
+                say(f"saved milestone {path}")
 
     best = {"val_loss": math.inf}
 
@@ -305,7 +348,10 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         record = cb.run_eval(evaluate, step, sink, say)
         if step > start_step and record["val_loss"] < best["val_loss"]:
             best.update(record)
-            save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra, replace=True)
+            with dist.host_values(model):
+                if chief:
+                    save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra,
+                                    replace=True)
             say(f"best validation loss so far: saved {out / 'best_checkpoint'}")
         return record
 
@@ -333,7 +379,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
                 break
             # Each fit call reads the stream from exactly where the previous one stopped.
             train_ds = _with_workers(
-                inputs.train_dataset(t.batch_size, t.seed, start_window=first_step * t.batch_size * accumulation),
+                dist.process_batches(inputs.train_dataset(micro, t.seed, start_window=first_step * micro * accumulation)),
                 cfg.loader.num_workers,
             )
             model.fit(
@@ -366,10 +412,12 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
     checkpoint = save(s["total_steps"])
     if o.milestone_every and s["total_steps"] % o.milestone_every == 0:
         save_milestone(s["total_steps"])
+    # Every process samples (its computations span all devices); process 0 writes.
+    samples = [sample_text(model, tokenizer, p, seed=t.seed + i) for i, p in enumerate(SAMPLE_PROMPTS)]
+    if not chief:
+        return 0
     final_model = link_copy(checkpoint, out / "final_model")
     say(f"final model: {final_model}")
-
-    samples = [sample_text(model, tokenizer, p, seed=t.seed + i) for i, p in enumerate(SAMPLE_PROMPTS)]
     (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
     say("samples:")
     for text in samples:
@@ -399,6 +447,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, resume
         "parameters": plan["parameters"],
         "architecture": plan["architecture"],
         "backend": devices,
+        "distribution": plan["distribution"],
     }
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(
