@@ -14,15 +14,115 @@ from ultimate_trainer.errors import UserError
 BACKENDS = ("jax", "torch", "tensorflow")
 
 
-def select_backend(requested=None):
-    """Sets KERAS_BACKEND from `--backend`, else the environment, else jax.
+# Training throughput of our `small` model (66.7M parameters, `fit`) per backend and
+# precision, measured with tools/bench_train.py; docs/benchmarks.md has the run. `auto`
+# picks the fastest backend from the row of the device kind found and the precision
+# asked for. Accelerators we have not measured follow the usual finding (XLA is
+# strongest there): jax first.
+MEASURED_TOKENS_PER_SEC = {
+    # 2-core AMD EPYC (AVX512-BF16), 2026-11-21: tools/bench_train.py --precisions float32,bfloat16
+    ("cpu", "float32"): {"tensorflow": 457.0, "torch": 376.0, "jax": 317.0},
+    ("cpu", "bfloat16"): {"tensorflow": 671.0, "torch": 624.0, "jax": 358.0},
+}
+ACCELERATOR_ORDER = {"tpu": ("jax",), "gpu": ("jax", "torch", "tensorflow")}
+
+_choice = {}
+
+
+def detect_device_kind(environ=None):
+    """'tpu', 'gpu' or 'cpu', found without importing any framework (the
+    backend must be chosen before one loads): TPU runtimes and device files,
+    NVIDIA/AMD GPU device files, respecting an empty CUDA_VISIBLE_DEVICES.
+
+    Example:
+        >>> detect_device_kind({"TPU_ACCELERATOR_TYPE": "v5e-8"})
+        'tpu'
+    """
+    import glob
+
+    environ = os.environ if environ is None else environ
+    if any(environ.get(k) for k in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR")) or glob.glob("/dev/accel[0-9]*"):
+        return "tpu"
+    if environ.get("CUDA_VISIBLE_DEVICES", None) == "" or environ.get("CUDA_VISIBLE_DEVICES") == "-1":
+        return "cpu"
+    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):
+        return "gpu"
+    return "cpu"
+
+
+def needs_jax(cfg):
+    """The flag that asks for a jax-only feature (keras.distribution's weight
+    sharding, several processes), or None. Data parallelism is not one:
+    tensorflow runs it too (MirroredStrategy), torch refuses it with a message."""
+    if cfg is None:
+        return None
+    d = cfg.distribution
+    if d.distribution in ("fsdp", "model"):
+        return f"--distribution {d.distribution}"
+    if d.coordinator_address or (d.num_processes or 1) > 1:
+        return "a multi-process run (--coordinator-address / --num-processes)"
+    from ultimate_trainer.distribution import cluster_settings
+
+    if cluster_settings(d):
+        return "a multi-process run (KERAS_DISTRIBUTION_* variables)"
+    return None
+
+
+def auto_backend(cfg=None, device_kind=None, installed=None):
+    """(backend, reason) for `--backend auto`: a jax-only feature asks for jax;
+    otherwise the fastest installed backend for the device kind found and the
+    precision asked for, from `MEASURED_TOKENS_PER_SEC` (jax first on
+    accelerators).
+
+    Example:
+        >>> auto_backend(device_kind="tpu", installed=("jax", "torch", "tensorflow"))[0]
+        'jax'
+    """
+    import importlib.util
+
+    if installed is None:
+        installed = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+    feature = needs_jax(cfg)
+    if feature:
+        return "jax", f"auto: {feature} needs keras.distribution, which Keras implements on jax only"
+    kind = device_kind or detect_device_kind()
+    precision = "bfloat16" if cfg is not None and cfg.optimization.use_mixed_precision else "float32"
+    measured = MEASURED_TOKENS_PER_SEC.get((kind, precision))
+    if measured:
+        ranked = sorted((b for b in measured if b in installed), key=lambda b: -measured[b])
+        if ranked:
+            figures = ", ".join(f"{b} {measured[b]:,.0f}" for b in ranked)
+            return ranked[0], (f"auto: fastest measured on {kind} in {precision} (training tokens/s of the "
+                               f"small model: {figures}; docs/benchmarks.md)")
+    for name in ACCELERATOR_ORDER.get(kind, BACKENDS):
+        if name in installed:
+            return name, f"auto: {name} is the usual fastest on {kind} (not measured by this project)"
+    raise UserError(f"none of {', '.join(BACKENDS)} is installed; pip install the project's dependencies")
+
+
+def select_backend(requested=None, cfg=None, default="auto"):
+    """Sets KERAS_BACKEND: an explicit `--backend NAME` wins, then the
+    KERAS_BACKEND variable, then `default` (`auto`: see `auto_backend`;
+    `--backend auto` ignores the variable). Returns the name; `choice()` says why.
 
     Example:
         select_backend("torch")   # before `import keras`
     """
-    name = requested or os.environ.get("KERAS_BACKEND") or "jax"
+    if requested and requested != "auto":
+        name, reason = requested, f"--backend {requested}"
+    elif requested is None and os.environ.get("KERAS_BACKEND"):
+        name, reason = os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    elif requested is None and default != "auto":
+        name, reason = default, "the default"
+    else:
+        if "keras" in sys.modules:  # already loaded (a test, a notebook): auto keeps what is running
+            import keras
+
+            name, reason = keras.backend.backend(), "auto: keras was already imported with this backend"
+        else:
+            name, reason = auto_backend(cfg)
     if name not in BACKENDS:
-        raise UserError(f"unknown backend {name!r} (from KERAS_BACKEND); use one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {name!r} (from {reason}); use one of {', '.join(BACKENDS)}")
     if "keras" in sys.modules:
         import keras
 
@@ -34,7 +134,36 @@ def select_backend(requested=None):
     os.environ["KERAS_BACKEND"] = name
     # TensorFlow serves tf.data on every backend; keep its C++ banner quiet.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _choice.update(backend=name, reason=reason)
     return name
+
+
+def choice():
+    """{"backend", "reason"} of the last `select_backend`, or {} before it."""
+    return dict(_choice)
+
+
+def compile_options(strategy=None):
+    """Keras `compile` keywords that make training fastest on this backend.
+
+    tensorflow in float32: XLA (`jit_compile=True`), which Keras leaves off on
+    CPU-only machines; on the project's CPU it trains `small` 8% faster (433
+    vs 401 tokens/s). Not in bfloat16: XLA's CPU matmuls do not use the
+    chip's bf16 instructions, the graph's oneDNN kernels do (671 vs 461
+    tokens/s). Keras' own rule stays for a `tf.distribute` strategy (no
+    XLA). jax always compiles with XLA; torch runs eagerly (Keras'
+    `torch.compile` path is experimental). Figures: docs/benchmarks.md.
+
+    Example:
+        model.compile(optimizer=opt, loss=loss, **compile_options())
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or strategy is not None:
+        return {}
+    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+        return {}  # Keras' default: XLA on GPU, not on CPU
+    return {"jit_compile": True}
 
 
 def describe_devices():

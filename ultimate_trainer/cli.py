@@ -91,7 +91,7 @@ def _train(argv):
         raise UserError("--shard-tokens only applies to `prepare-data`; drop it from a training run")
     from ultimate_trainer.backend import select_backend
 
-    select_backend(cfg.run.backend)
+    select_backend(cfg.run.backend, cfg)
     from ultimate_trainer.training.trainer import train
 
     return train(cfg)
@@ -144,7 +144,7 @@ def _generate(argv):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
-    select_backend(args.backend)
+    select_backend(args.backend, default="jax")  # auto's table measures training, not generation
     from ultimate_trainer.checkpoint.store import load_model
     from ultimate_trainer.training.generation import generate
 
@@ -181,7 +181,7 @@ def _export(argv):
     from ultimate_trainer.export.hf import check_output_dir, export_hf
 
     check_output_dir(args.output)
-    select_backend(args.backend)
+    select_backend(args.backend, default="jax")  # auto's table measures training, not generation
     from ultimate_trainer.checkpoint.store import load_model
 
     model, tokenizer = load_model(args.checkpoint)

@@ -62,6 +62,8 @@ def train(cfg):
     plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
     plan["distribution"] = dist.describe()
     devices = backend_lib.describe_devices()
+    if backend_lib.choice().get("backend") == devices["backend"]:
+        devices["chosen_by"] = backend_lib.choice()["reason"]
     plan["backend"] = devices
     defaults_line = distribution_lib.device_defaults(cfg, devices)
     if defaults_line:
@@ -116,10 +118,11 @@ def _peak_flops(cfg, devices, count):
 
 def _backend_line(devices):
     found = ", ".join(f"{n} {kind}" for kind, n in sorted(devices["devices"].items()))
-    return (
+    line = (
         f"backend: {devices['backend']} {devices['backend_version']} "
         f"(keras {devices['keras_version']}); devices: {found}"
     )
+    return line + (f"\nbackend chosen by {devices['chosen_by']}" if devices.get("chosen_by") else "")
 
 
 def load_inputs(cfg, micro_batch=None):
@@ -161,7 +164,8 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     with dist.scope():
         model = build_causal_lm(cfg.model, tokenizer.vocab_size)
         init_from(model, checkpoint)
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      **backend_lib.compile_options(dist.strategy))
     batches = plan["data"]["eval_batches"]
     loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
                                 return_dict=True)["loss"])
@@ -273,6 +277,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         model.compile(
             optimizer=build_optimizer(t, schedule, model),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            **backend_lib.compile_options(dist.strategy),
         )
         if t.skip_nonfinite:
             # A skipped update's loss stays out of the logged mean. Set untracked, as

@@ -1,0 +1,107 @@
+"""`--backend auto`: device detection, the measured table, features that need jax."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli, tiny_model_flags
+from ultimate_trainer import backend as backend_lib
+from ultimate_trainer.config import resolve_config
+from ultimate_trainer.errors import UserError
+
+ALL = ("jax", "torch", "tensorflow")
+
+
+def _fastest(kind, precision="float32"):
+    table = backend_lib.MEASURED_TOKENS_PER_SEC[(kind, precision)]
+    return max(table, key=table.get)
+
+
+@pytest.mark.parametrize("environ,kind", [
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, "tpu"),
+    ({"COLAB_TPU_ADDR": "10.0.0.2:8470"}, "tpu"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, "cpu"),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, "cpu"),
+])
+def test_detect_device_kind_from_environment(environ, kind):
+    assert backend_lib.detect_device_kind(environ) == kind
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_auto_picks_the_fastest_measured_backend_on_cpu(precision):
+    table = backend_lib.MEASURED_TOKENS_PER_SEC[("cpu", precision)]
+    # The table holds real, distinct measurements of all three; the pick is its maximum.
+    assert sorted(table) == sorted(ALL) and len(set(table.values())) == 3 and min(table.values()) > 0
+    flags = {"optimization.use_mixed_precision": True} if precision == "bfloat16" else {}
+    name, reason = backend_lib.auto_backend(resolve_config(flags), device_kind="cpu", installed=ALL)
+    assert name == _fastest("cpu", precision)
+    assert reason.startswith(f"auto: fastest measured on cpu in {precision}") and f"{name} {table[name]:,.0f}" in reason
+
+
+def test_auto_skips_a_backend_that_is_not_installed():
+    fastest = _fastest("cpu")
+    rest = tuple(b for b in ALL if b != fastest)
+    name, _ = backend_lib.auto_backend(device_kind="cpu", installed=rest)
+    table = backend_lib.MEASURED_TOKENS_PER_SEC[("cpu", "float32")]
+    assert name == max(rest, key=table.get)
+
+
+@pytest.mark.parametrize("kind", ["tpu", "gpu"])
+def test_auto_picks_jax_on_accelerators(kind):
+    name, reason = backend_lib.auto_backend(device_kind=kind, installed=ALL)
+    assert name == "jax" and kind in reason
+
+
+def test_auto_falls_back_when_jax_is_missing_on_gpu():
+    assert backend_lib.auto_backend(device_kind="gpu", installed=("torch", "tensorflow"))[0] == "torch"
+
+
+def test_auto_with_nothing_installed_is_a_user_error():
+    with pytest.raises(UserError, match="none of jax, torch, tensorflow is installed"):
+        backend_lib.auto_backend(device_kind="cpu", installed=())
+
+
+@pytest.mark.parametrize("flags,feature", [
+    (["--distribution", "fsdp"], "--distribution fsdp"),
+    (["--distribution", "model"], "--distribution model"),
+    (["--coordinator-address", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "0"], "multi-process"),
+])
+def test_a_feature_that_needs_jax_wins_over_speed(flags, feature):
+    from ultimate_trainer.cli import build_parser
+
+    cfg = resolve_config(vars(build_parser().parse_args(flags)))
+    name, reason = backend_lib.auto_backend(cfg, device_kind="cpu", installed=ALL)
+    assert name == "jax" and feature in reason and "keras.distribution" in reason
+
+
+def test_data_parallelism_does_not_force_jax():
+    # tensorflow runs it (MirroredStrategy), also over a --mesh of logical CPUs.
+    for flags in ({"distribution.distribution": "data"},
+                  {"distribution.distribution": "data", "distribution.mesh": "batch=2"}):
+        assert backend_lib.needs_jax(resolve_config(flags)) is None
+
+
+def test_cli_auto_prints_its_choice_and_reason():
+    # KERAS_BACKEND empty: nothing chosen for the run, so the default (auto) decides.
+    result = run_cli(["--dry-run", *tiny_model_flags()], env={"KERAS_BACKEND": ""}, backend="")
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = _fastest("cpu")
+    assert f"backend: {chosen} " in result.stdout
+    assert "backend chosen by auto: fastest measured on cpu in float32" in result.stdout
+
+
+def test_cli_explicit_backend_and_environment_win_over_auto():
+    result = run_cli(["--dry-run", "--json", "--backend", "torch", *tiny_model_flags()], backend="jax")
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert plan["backend"]["backend"] == "torch" and plan["backend"]["chosen_by"] == "--backend torch"
+    result = run_cli(["--dry-run", "--json", *tiny_model_flags()], backend="jax")
+    assert json.loads(result.stdout)["backend"]["chosen_by"] == "KERAS_BACKEND"
+
+
+def test_cli_auto_with_fsdp_picks_jax():
+    result = run_cli(["--dry-run", "--json", "--backend", "auto", "--distribution", "fsdp", *tiny_model_flags()],
+                     backend="tensorflow")
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert plan["backend"]["backend"] == "jax" and "--distribution fsdp" in plan["backend"]["chosen_by"]
