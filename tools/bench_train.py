@@ -11,9 +11,13 @@ AdamW; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
 dict with `optax.adamw`, the ceiling a hand-written loop reaches;
 `torch_eager` / `torch_compile` (torch only) are the same model in plain
 PyTorch (SDPA attention, AdamW, clip 1.0), the second with the forward+loss
-and the optimizer step `torch.compile`d. The first
-window (compile and warm-up) is discarded; the figure is the median of the
-timed windows.
+and the optimizer step `torch.compile`d; `cli` (small only) is the whole
+program, `python -m ultimate_trainer` on a synthetic text file with a trained
+16,000-piece SentencePiece tokenizer (data pipeline, callbacks and logging
+included), timed from its own logged windows. The first window (compile and
+warm-up) is discarded; the figure is the median of the timed windows.
+`--precisions float32,bfloat16` also runs ours and the CLI in bfloat16
+(Keras mixed_bfloat16) and prints the speed-up and both loss curves.
 
 MFU = FLOPs/token x tokens/s / peak, with FLOPs/token = 6 N_non-embedding +
 6 V d + 12 L d seq (`models/sizing.flops_per_token`) and a peak of
@@ -22,6 +26,7 @@ override with --peak-flops).
 
 Example:
     python tools/bench_train.py --shapes tiny --backends jax,tensorflow
+    python tools/bench_train.py --precisions float32,bfloat16 --steps 3 --windows 4   # the issue's full run
     python tools/bench_train.py --windows 4 --steps 5 --json results.json
     python tools/bench_train.py --shapes tiny,moe-tiny --impls ours --backends jax   # MoE vs dense
 
@@ -32,9 +37,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 SHAPES = {
@@ -48,7 +55,9 @@ SHAPES = {
 }
 # shape -> (experts, top_k); ours only (keras-hub and the optax step have no MoE).
 MOE = {"moe-tiny": (8, 2)}
-IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax", "torch_eager", "torch_compile")
+IMPLEMENTATIONS = ("ours", "keras_hub", "jax_optax", "torch_eager", "torch_compile", "cli")
+LABELS = {"ours": "ours", "keras_hub": "keras-hub", "jax_optax": "JAX + optax", "torch_eager": "torch eager",
+          "torch_compile": "torch.compile", "cli": "CLI end-to-end"}
 # Hand-written loops that do not go through Keras: each runs under its own framework only.
 NATIVE = {"jax_optax": "jax", "torch_eager": "torch", "torch_compile": "torch"}
 
@@ -247,7 +256,79 @@ def _torch_worker(args):
     }))
 
 
+def _synthetic_corpus(path, megabytes, seed=0):
+    """Text of random words drawn Zipf-like from a 40,000-word lexicon: enough
+    distinct pieces for a 16,000-piece tokenizer, written once per run."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    lexicon = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(40000)]
+    weights = 1.0 / np.arange(1, len(lexicon) + 1)
+    weights /= weights.sum()
+    with open(path, "w") as f:
+        written = 0
+        while written < megabytes * 1e6:
+            words = rng.choice(len(lexicon), 200, p=weights)
+            line = " ".join(lexicon[w] for w in words) + ".\n\n"  # one record per paragraph
+            f.write(line)
+            written += len(line)
+
+
+def _cli_worker(args):
+    """The whole program: `python -m ultimate_trainer` on text files, with the
+    shape's model and batch (data pipeline, callbacks and logging included).
+    The tokenizer (SentencePiece, trained on the file first) has the shape's
+    vocabulary; the figure is the median of the logged windows after the first."""
+    from ultimate_trainer.models import sizing
+
+    vocab, d, layers, heads, d_ff, seq, batch = SHAPES[args.shape]
+    # The corpus and its tokenizer are made by the first CLI run and shared by the next ones.
+    shared = os.path.join(args.work_dir, f"vocab-{vocab}")
+    corpus, tokenizer_dir = os.path.join(shared, "corpus.txt"), os.path.join(shared, "tokenizer")
+    if not os.path.exists(corpus):
+        os.makedirs(shared, exist_ok=True)
+        _synthetic_corpus(corpus, 8)
+    tokenizer = (["--tokenizer-path", tokenizer_dir] if os.path.isdir(tokenizer_dir) else
+                 ["--tokenizer", "sentencepiece", "--vocab-size", str(vocab), "--tokenizer-train-examples", "5000"])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "ultimate_trainer", "--data-files", corpus, *tokenizer, "--d-model", str(d),
+               "--num-layers", str(layers), "--num-heads", str(heads), "--d-ff", str(d_ff), "--seq-len", str(seq),
+               "--batch-size", str(batch), "--dropout-rate", "0", "--max-steps", str(args.steps * (args.windows + 1)),
+               "--log-every", str(args.steps), "--no-eval", "--save-every", "1000000",
+               "--peak-flops", str(args.peak_flops), "--output-dir", out]
+        if args.mixed_precision:
+            cmd.append("--use-mixed-precision")
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if '"tokens_per_sec"' in line]
+        if not os.path.isdir(tokenizer_dir):
+            os.makedirs(tokenizer_dir)
+            for name in ("ut_tokenizer.json", "tokenizer.model"):
+                shutil.copy(os.path.join(out, name), tokenizer_dir)
+    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    flops = sizing.flops_per_token(counts.non_embedding, vocab, d, layers, seq)
+    # The logged MFU implies the run's FLOPs/token: it must be this shape's (a tokenizer short
+    # of the vocabulary would make a smaller model).
+    logged = records[-1]["mfu"] * args.peak_flops / records[-1]["tokens_per_sec"]
+    if abs(logged / flops - 1) > 1e-3:
+        raise SystemExit(f"the CLI run trained {logged:,.0f} FLOPs/token, expected {flops:,} (tokenizer vocab?)")
+    rates = [r["tokens_per_sec"] for r in records[1:]]
+    median = statistics.median(rates)
+    print(json.dumps({
+        "backend": os.environ["KERAS_BACKEND"], "impl": "cli", "shape": args.shape, "params": counts.total,
+        "flops_per_token": flops, "tokens_per_sec": median, "windows": rates, "mfu": median * flops / args.peak_flops,
+        "losses": [r["loss"] for r in records],
+        "precision": "mixed_bfloat16" if args.mixed_precision else "float32",
+    }))
+
+
 def _worker(args):
+    if args.impl == "cli":
+        return _cli_worker(args)
     if args.impl == "jax_optax":
         return _jax_optax_worker(args)
     if args.impl in ("torch_eager", "torch_compile"):
@@ -288,7 +369,19 @@ def _worker(args):
         optimizer = build_optimizer(TrainingConfig(learning_rate=1e-4), 1e-4, model)
     else:
         optimizer = keras.optimizers.AdamW(1e-4)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Ours compiles as a real run does (`backend.compile_options`: XLA on tensorflow); keras-hub
+    # as a keras-hub user's `fit` does (Keras' defaults). --jit-compile overrides both.
+    compile_kwargs = {}
+    if args.impl == "ours":
+        from ultimate_trainer.backend import compile_options
+
+        compile_kwargs = compile_options()
+    if args.jit_compile != "auto":
+        compile_kwargs["jit_compile"] = args.jit_compile == "true"
+    if args.steps_per_execution > 1:
+        compile_kwargs["steps_per_execution"] = args.steps_per_execution
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  **compile_kwargs)
     counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq, num_experts=experts, experts_top_k=top_k)
     if model.count_params() != counts.total:
         raise SystemExit(f"{args.impl} has {model.count_params()} params, expected {counts.total}")
@@ -316,6 +409,69 @@ def _worker(args):
     }))
 
 
+def _runs(impl, backend, shape, precision):
+    """Whether the run plan includes this combination: hand-written loops run under their
+    own framework only, MoE shapes and bfloat16 only for ours (the peers are the float32
+    baselines of the issue's table), the CLI only on `small` (the acceptance shape)."""
+    if NATIVE.get(impl, backend) != backend:
+        return False
+    if impl not in ("ours", "cli") and (shape in MOE or precision != "float32"):
+        return False
+    return impl != "cli" or shape == "small"
+
+
+def _cell(r):
+    return f"{r['tokens_per_sec']:,.0f} ({100 * r['mfu']:.0f}%)" if r else "-"
+
+
+def _ratio(a, b):
+    return f"{a['tokens_per_sec'] / b['tokens_per_sec']:.2f}x" if a and b else "-"
+
+
+def summarize(results):
+    """The markdown table and the comparisons the issue asks for, from the workers' results."""
+    def find(backend, shape, impl, precision="float32"):
+        return next((r for r in results if (r["backend"], r["shape"], r["impl"], r["precision"])
+                     == (backend, shape, impl, precision)), None)
+
+    keys = list(dict.fromkeys((r["backend"], r["shape"], r["precision"]) for r in results))
+    lines = ["| backend | shape | precision | " + " | ".join(f"{LABELS[i]} tok/s (MFU)" for i in IMPLEMENTATIONS)
+             + " | ours / keras-hub | ours / JAX + optax | CLI / ours |",
+             "|---|---|---|" + "---|" * (len(IMPLEMENTATIONS) + 3)]
+    for backend, shape, precision in keys:
+        row = {i: find(backend, shape, i, precision) for i in IMPLEMENTATIONS}
+        lines.append(f"| {backend} | {shape} | {precision} | {' | '.join(_cell(row[i]) for i in IMPLEMENTATIONS)} | "
+                     f"{_ratio(row['ours'], row['keras_hub'])} | {_ratio(row['ours'], row['jax_optax'])} | "
+                     f"{_ratio(row['cli'], row['ours'])} |")
+    lines.append("")
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        ours = [r for r in results if r["shape"] == shape and r["impl"] == "ours" and r["precision"] == "float32"]
+        peer = find("torch", shape, "torch_compile")
+        if ours and peer:
+            best = max(ours, key=lambda r: r["tokens_per_sec"])
+            lines.append(f"{shape}: best of ours, float32 ({best['backend']}, {best['tokens_per_sec']:,.0f} tok/s) / "
+                         f"hand-written torch.compile ({peer['tokens_per_sec']:,.0f} tok/s) = {_ratio(best, peer)}")
+    for backend, shape, precision in keys:
+        if precision != "bfloat16":
+            continue
+        for impl in ("ours", "cli"):
+            mixed, full = find(backend, shape, impl, "bfloat16"), find(backend, shape, impl)
+            if not (mixed and full):
+                continue
+            line = f"{backend} {shape} {LABELS[impl]}: bfloat16 / float32 = {_ratio(mixed, full)} tokens/s"
+            if mixed.get("losses") and full.get("losses"):
+                gap = max(abs(a - b) for a, b in zip(mixed["losses"], full["losses"]))
+                line += (f"; loss per window float32 {', '.join(f'{x:.3f}' for x in full['losses'])}, "
+                         f"bfloat16 {', '.join(f'{x:.3f}' for x in mixed['losses'])} (largest gap {gap:.3f})")
+            lines.append(line)
+    for backend in dict.fromkeys(r["backend"] for r in results):
+        for shape in MOE:
+            moe, dense = find(backend, shape, "ours"), find(backend, "tiny", "ours")
+            if moe and dense:
+                lines.append(f"{backend}: {shape} / tiny (same active parameters) = {_ratio(moe, dense)} tokens/s")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="jax,torch,tensorflow")
@@ -324,68 +480,57 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=4, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="timed windows after the warm-up window")
     parser.add_argument("--peak-flops", type=float, default=200e9, help="device peak FLOP/s for MFU")
-    parser.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute")
+    parser.add_argument("--precisions", default="float32",
+                        help="float32 and/or bfloat16 (Keras mixed_bfloat16, torch autocast); bfloat16 runs ours "
+                             "and the CLI only")
+    parser.add_argument("--mixed-precision", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jit-compile", default="auto", choices=["auto", "true", "false"],
+                        help="Keras `compile(jit_compile=...)` for the fit-based runs (default: a real run's for ours, "
+                             "Keras' for keras-hub)")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="Keras `compile(steps_per_execution=...)` for the fit-based runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args)
 
+    precisions = args.precisions.split(",")
+    unknown = set(precisions) - {"float32", "bfloat16"}
+    if unknown:
+        parser.error(f"--precisions takes float32 and/or bfloat16, not {', '.join(sorted(unknown))}")
     results = []
+    work_dir = tempfile.mkdtemp(prefix="bench_train_")
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
-            for impl in args.impls.split(","):
-                if NATIVE.get(impl, backend) != backend or (shape in MOE and impl != "ours"):
-                    continue
-                cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
-                       "--steps", str(args.steps), "--windows", str(args.windows),
-                       "--peak-flops", str(args.peak_flops)] + (["--mixed-precision"] if args.mixed_precision else [])
-                env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if out.returncode:
-                    print(f"{backend} {shape} {impl}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                results.append(result)
-                spread = max(result["windows"]) / min(result["windows"]) - 1
-                print(f"{backend:<10} {shape:<5} {impl:<9} {result['tokens_per_sec']:>8,.0f} tok/s  "
-                      f"MFU {100 * result['mfu']:5.1f}%  (window spread {100 * spread:.0f}%)", flush=True)
-
+            for precision in precisions:
+                for impl in args.impls.split(","):
+                    if not _runs(impl, backend, shape, precision):
+                        continue
+                    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
+                           "--steps", str(args.steps), "--windows", str(args.windows),
+                           "--peak-flops", str(args.peak_flops), "--jit-compile", args.jit_compile,
+                           "--steps-per-execution", str(args.steps_per_execution), "--work-dir", work_dir]
+                    cmd += ["--mixed-precision"] if precision == "bfloat16" else []
+                    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if out.returncode:
+                        print(f"{backend} {shape} {impl} {precision}: failed\n{(out.stdout + out.stderr)[-3000:]}",
+                              file=sys.stderr)
+                        continue
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    result["precision"] = precision
+                    results.append(result)
+                    spread = max(result["windows"]) / min(result["windows"]) - 1
+                    print(f"{backend:<10} {shape:<5} {precision:<8} {impl:<13} {result['tokens_per_sec']:>8,.0f} tok/s  "
+                          f"MFU {100 * result['mfu']:5.1f}%  (window spread {100 * spread:.0f}%)", flush=True)
+    shutil.rmtree(work_dir, ignore_errors=True)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"peak {args.peak_flops / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.windows} windows")
-    print("| backend | shape | ours tok/s (MFU) | keras-hub tok/s (MFU) | JAX + optax tok/s (MFU) "
-          "| torch eager tok/s (MFU) | torch.compile tok/s (MFU) | ours / keras-hub | ours / JAX + optax |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for backend in args.backends.split(","):
-        for shape in args.shapes.split(","):
-            row = {r["impl"]: r for r in results if r["backend"] == backend and r["shape"] == shape}
-            if not row:
-                continue
-            cells = [f"{row[i]['tokens_per_sec']:,.0f} ({100 * row[i]['mfu']:.0f}%)" if i in row else "-"
-                     for i in IMPLEMENTATIONS]
-
-            def ratio(other):
-                if "ours" in row and other in row:
-                    return f"{row['ours']['tokens_per_sec'] / row[other]['tokens_per_sec']:.2f}x"
-                return "-"
-
-            print(f"| {backend} | {shape} | {' | '.join(cells)} | {ratio('keras_hub')} | {ratio('jax_optax')} |")
-    for shape in args.shapes.split(","):
-        ours = [r for r in results if r["shape"] == shape and r["impl"] == "ours"]
-        peer = [r for r in results if r["shape"] == shape and r["impl"] == "torch_compile"]
-        if ours and peer:
-            best = max(ours, key=lambda r: r["tokens_per_sec"])
-            print(f"{shape}: best of ours ({best['backend']}, {best['tokens_per_sec']:,.0f} tok/s) / hand-written "
-                  f"torch.compile ({peer[0]['tokens_per_sec']:,.0f} tok/s) = "
-                  f"{best['tokens_per_sec'] / peer[0]['tokens_per_sec']:.2f}x")
-    for backend in args.backends.split(","):
-        for shape in MOE:
-            row = {r["shape"]: r for r in results if r["backend"] == backend and r["impl"] == "ours"}
-            if shape in row and "tiny" in row:
-                print(f"{backend}: {shape} / tiny (same active parameters) = "
-                      f"{row[shape]['tokens_per_sec'] / row['tiny']['tokens_per_sec']:.2f}x tokens/s")
+    print(summarize(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
