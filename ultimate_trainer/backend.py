@@ -21,8 +21,8 @@ BACKENDS = ("jax", "torch", "tensorflow")
 # strongest there): jax first.
 MEASURED_TOKENS_PER_SEC = {
     # 2-core AMD EPYC (AVX512-BF16), 2026-11-21: tools/bench_train.py --precisions float32,bfloat16
-    ("cpu", "float32"): {"tensorflow": 457.0, "torch": 376.0, "jax": 317.0},
-    ("cpu", "bfloat16"): {"tensorflow": 671.0, "torch": 624.0, "jax": 358.0},
+    ("cpu", "float32"): {"tensorflow": 420.0, "torch": 330.0, "jax": 323.0},
+    ("cpu", "bfloat16"): {"tensorflow": 671.0, "torch": 605.0, "jax": 352.0},
 }
 ACCELERATOR_ORDER = {"tpu": ("jax",), "gpu": ("jax", "torch", "tensorflow")}
 
