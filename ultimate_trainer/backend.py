@@ -247,6 +247,28 @@ def compile_model_fn(model, fn):
     return fn
 
 
+def no_grad():
+    """A context in which the backend records no gradients: torch's
+    `no_grad` (its eager ops otherwise keep every intermediate alive for a
+    backward pass; a sampling loop that feeds a KV cache back in grows that
+    graph token by token), nothing on jax and tensorflow, which record only
+    inside their gradient functions.
+
+    Example:
+        with no_grad():
+            logits = model(ids)
+    """
+    import contextlib
+
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 def scan(f, init, xs, y_like):
     """`keras.ops.scan(f, init, xs)` -> (carry, stacked ys), on every backend.
 

@@ -94,3 +94,31 @@ def test_generate_command_greedy_is_the_same_with_and_without_cache(tmp_path):
     assert a["cache"] is True and b["cache"] is False
     bad = run_cli(["generate", "--checkpoint", str(out / "checkpoint-2"), "--top-p", "0"])
     assert bad.returncode == 2 and "--top-p in (0, 1]" in bad.stderr
+
+
+@pytest.mark.backends
+def test_generation_records_no_gradients(monkeypatch):
+    # torch records a graph for every eager op on trainable weights; a sampling loop feeding
+    # its KV cache back in chains those graphs token after token (a 200-token sample of
+    # `small` in bf16 grew to 23 GB). jax and tensorflow record only inside a gradient function.
+    if keras.backend.backend() != "torch":
+        pytest.skip("only torch records gradients outside a gradient function")
+    from ultimate_trainer.data.tokenizers import ByteTokenizer
+    from ultimate_trainer.training.generation import generate
+
+    tokenizer = ByteTokenizer()
+    model = CausalLM(vocab_size=tokenizer.vocab_size, seq_len=16, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    model.build((None, 16))
+    outputs = []
+    original = model.call_with_cache
+
+    def spy(*args):
+        result = original(*args)
+        outputs.append(result[0])
+        return result
+
+    monkeypatch.setattr(model, "call_with_cache", spy)
+    generate(model, tokenizer, "ab", max_new_tokens=3, temperature=0)
+    assert outputs and not any(t.requires_grad for t in outputs)
+    # The check can fail: outside `generate` the same call records.
+    assert original(np.array([[1, 2]], dtype="int32"), model.empty_cache(1), np.int32(0))[0].requires_grad

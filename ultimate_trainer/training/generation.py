@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from ultimate_trainer.backend import no_grad
+
 
 def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_k=40, top_p=1.0, seed=0,
              use_cache=True):
@@ -27,11 +29,12 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
         step = _cached_steps
     start = time.perf_counter()
     generated = []
-    for logits in step(model, tokenizer, ids, max_new_tokens, generated):
-        token = pick(np.asarray(logits, dtype="float64"), temperature, top_k, top_p, rng)
-        if token == tokenizer.eos_id:
-            break
-        generated.append(token)
+    with no_grad():  # the steps run inside (generators)
+        for logits in step(model, tokenizer, ids, max_new_tokens, generated):
+            token = pick(np.asarray(logits, dtype="float64"), temperature, top_k, top_p, rng)
+            if token == tokenizer.eos_id:
+                break
+            generated.append(token)
     seconds = time.perf_counter() - start
     stats = {"new_tokens": len(generated), "seconds": seconds, "tokens_per_sec": len(generated) / max(seconds, 1e-9),
              "cache": use_cache}
