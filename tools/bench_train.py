@@ -350,7 +350,7 @@ def _worker(args):
         model = CausalLM(vocab_size=vocab, seq_len=seq, d_model=d, num_layers=layers, num_heads=heads, d_ff=d_ff,
                          moe=moe)
         model.build((None, seq))
-        x = np.random.default_rng(0).integers(0, vocab, (batch * 8, seq)).astype("int32")
+        x = np.random.default_rng(0).integers(0, vocab, (batch * args.steps, seq)).astype("int32")
         inputs = x
     else:
         import keras_hub
@@ -360,7 +360,7 @@ def _worker(args):
             intermediate_dim=d_ff, num_key_value_heads=heads, tie_word_embeddings=False,
         )
         model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
-        x = np.random.default_rng(0).integers(0, vocab, (batch * 8, seq)).astype("int32")
+        x = np.random.default_rng(0).integers(0, vocab, (batch * args.steps, seq)).astype("int32")
         inputs = {"token_ids": x, "padding_mask": np.ones_like(x)}
     if args.impl == "ours":
         from ultimate_trainer.config import TrainingConfig
@@ -396,6 +396,8 @@ def _worker(args):
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.start)
 
+    # Exactly one pass over the data per epoch (window): with more rows than an epoch takes,
+    # the epoch that reaches the end of the arrays runs short and its window reads too fast.
     model.fit(inputs, x, batch_size=batch, epochs=args.windows + 1, steps_per_epoch=args.steps,
               callbacks=[Timer()], verbose=0, shuffle=False)
     tokens = args.steps * batch * seq
