@@ -41,9 +41,10 @@ def detect_device_kind(environ=None):
     import glob
 
     environ = os.environ if environ is None else environ
-    if any(environ.get(k) for k in ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR")) or glob.glob("/dev/accel[0-9]*"):
+    tpu_variables = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR")
+    if any(environ.get(k) for k in tpu_variables) or glob.glob("/dev/accel[0-9]*"):
         return "tpu"
-    if environ.get("CUDA_VISIBLE_DEVICES", None) == "" or environ.get("CUDA_VISIBLE_DEVICES") == "-1":
+    if environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return "cpu"
     if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"):
         return "gpu"

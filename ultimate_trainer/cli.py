@@ -181,7 +181,7 @@ def _export(argv):
     from ultimate_trainer.export.hf import check_output_dir, export_hf
 
     check_output_dir(args.output)
-    select_backend(args.backend, default="jax")  # auto's table measures training, not generation
+    select_backend(args.backend, default="jax")  # auto's table measures training speed
     from ultimate_trainer.checkpoint.store import load_model
 
     model, tokenizer = load_model(args.checkpoint)
