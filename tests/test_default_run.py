@@ -10,8 +10,10 @@ from tests.conftest import run_cli
 @pytest.mark.slow
 def test_default_nano_run_learns_and_writes_its_outputs(tmp_path):
     out = tmp_path / "output_ultimate"
-    result = run_cli(["--model-preset", "nano"], cwd=tmp_path, timeout=1500)
+    # As the README runs it: no KERAS_BACKEND, so `--backend auto` picks.
+    result = run_cli(["--model-preset", "nano"], cwd=tmp_path, timeout=1500, backend="", env={"KERAS_BACKEND": ""})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend chosen by auto: " in result.stdout
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["final_val_loss"] <= 0.7 * summary["initial_val_loss"], summary
     step = summary["steps"]
