@@ -4,10 +4,11 @@ per backend.
 
 Each (backend, implementation, shape) runs in its own process, since Keras
 picks its backend once per process. All train the same LLaMA shape on the
-same random tokens: untied embeddings, dropout 0, AdamW. Ours runs `fit` with
-the optimizer a real run builds (`training/optimizers.py`: global-norm clip
-1.0 and the gradient-norm statistic); keras-hub runs `fit` with a plain
-AdamW; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
+same random tokens: untied embeddings, dropout 0, AdamW. Ours runs `fit` as a
+real run sets it up: its optimizer (`training/optimizers.py`: global-norm clip
+1.0 and the gradient-norm statistic), its loss (`training/losses.py`) and its
+host allocator settings (`backend.tune_allocator`); keras-hub runs `fit` with
+a plain AdamW and Keras' loss, as a keras-hub user would; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
 dict with `optax.adamw`, the ceiling a hand-written loop reaches;
 `torch_eager` / `torch_compile` (torch only) are the same model in plain
 PyTorch (SDPA attention, AdamW, clip 1.0), the second with the forward+loss
@@ -340,6 +341,10 @@ def _worker(args):
     from ultimate_trainer.models import sizing
 
     vocab, d, layers, heads, d_ff, seq, batch = SHAPES[args.shape]
+    if args.impl == "ours":
+        from ultimate_trainer.backend import tune_allocator
+
+        tune_allocator()  # as a real run does (training/trainer.py)
     keras.utils.set_random_seed(0)
     if args.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -380,8 +385,13 @@ def _worker(args):
         compile_kwargs["jit_compile"] = args.jit_compile == "true"
     if args.steps_per_execution > 1:
         compile_kwargs["steps_per_execution"] = args.steps_per_execution
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  **compile_kwargs)
+    if args.impl == "ours":
+        from ultimate_trainer.training.losses import TokenCrossEntropy
+
+        loss = TokenCrossEntropy()  # a real run's loss
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
     counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq, num_experts=experts, experts_top_k=top_k)
     if model.count_params() != counts.total:
         raise SystemExit(f"{args.impl} has {model.count_params()} params, expected {counts.total}")

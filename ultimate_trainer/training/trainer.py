@@ -32,6 +32,7 @@ def say(message):
 
 def train(cfg):
     """Trains as `cfg` says; returns the process exit code."""
+    allocator_tuned = backend_lib.tune_allocator()  # before the big buffers exist
     # First: joining a cluster must come before anything asks jax for its devices.
     dist = distribution_lib.setup(cfg, dry_run=cfg.run.dry_run)
     _CHIEF[0] = dist.is_chief
@@ -62,6 +63,7 @@ def train(cfg):
     plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
     plan["distribution"] = dist.describe()
     devices = backend_lib.describe_devices()
+    devices["host_allocator"] = "kept freed memory (glibc mallopt)" if allocator_tuned else "as configured"
     if backend_lib.choice().get("backend") == devices["backend"]:
         devices["chosen_by"] = backend_lib.choice()["reason"]
     plan["backend"] = devices
@@ -155,17 +157,15 @@ def load_inputs(cfg, micro_batch=None):
 
 def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     """`--eval-only`: the validation loss of a checkpoint, nothing written."""
-    import keras
-
     from ultimate_trainer.checkpoint.store import init_from
     from ultimate_trainer.models.causal_lm import build_causal_lm
+    from ultimate_trainer.training.losses import TokenCrossEntropy
 
     eval_batch = plan["data"]["eval_batch_size"]
     with dist.scope():
         model = build_causal_lm(cfg.model, tokenizer.vocab_size)
         init_from(model, checkpoint)
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      **backend_lib.compile_options(dist.strategy))
+        model.compile(loss=TokenCrossEntropy(), **backend_lib.compile_options(dist.strategy))
     batches = plan["data"]["eval_batches"]
     loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
                                 return_dict=True)["loss"])
@@ -225,6 +225,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
     from ultimate_trainer.training import callbacks as cb
     from ultimate_trainer.training import interrupt
     from ultimate_trainer.training.generation import sample_text
+    from ultimate_trainer.training.losses import TokenCrossEntropy
     from ultimate_trainer.training.optimizers import FiniteMean, build_optimizer
     from ultimate_trainer.training.schedules import WarmupCosine
 
@@ -276,7 +277,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         schedule = WarmupCosine(t.learning_rate, s["lr_end"], s["warmup_steps"], s["total_steps"])
         model.compile(
             optimizer=build_optimizer(t, schedule, model),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=TokenCrossEntropy(),
             **backend_lib.compile_options(dist.strategy),
         )
         if t.skip_nonfinite:
