@@ -8,8 +8,9 @@ same random tokens: untied embeddings, dropout 0, AdamW. Ours runs `fit` as a
 real run sets it up: its optimizer (`training/optimizers.py`: global-norm clip
 1.0 and the gradient-norm statistic), its loss (`training/losses.py`) and its
 host allocator settings (`backend.tune_allocator`); keras-hub runs `fit` with
-a plain AdamW and Keras' loss, as a keras-hub user would; `jax_optax` (jax only) is a minimal `jax.jit` step over a parameter
-dict with `optax.adamw`, the ceiling a hand-written loop reaches;
+a plain AdamW and Keras' loss, as a keras-hub user would; `jax_optax` (jax
+only) is a minimal `jax.jit` step over a parameter dict with `optax.adamw`,
+the ceiling a hand-written loop reaches;
 `torch_eager` / `torch_compile` (torch only) are the same model in plain
 PyTorch (SDPA attention, AdamW, clip 1.0), the second with the forward+loss
 and the optimizer step `torch.compile`d; `cli` (small only) is the whole

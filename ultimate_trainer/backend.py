@@ -185,8 +185,8 @@ def tune_allocator(environ=None):
     unmapped when freed and page-faulted back in on the next step, and the
     heap top is trimmed the same way. Measured on the project's 2-core CPU,
     the whole program on the torch backend spent about a quarter of its time
-    in the kernel, and the `small` model trained at 242-256 tokens/s; with
-    these settings, at 292-308 (docs/benchmarks.md). The cost is that the
+    in the kernel, and the `small` model trained at 219-256 tokens/s; with
+    these settings, at 282-305 (docs/benchmarks.md). The cost is that the
     process keeps up to its peak memory instead of returning it between
     steps. Left alone when the user set the allocator themselves
     (`MALLOC_*_`, `GLIBC_TUNABLES`, `LD_PRELOAD`), and off Linux/glibc.
