@@ -370,11 +370,14 @@ def _worker(args):
         inputs = {"token_ids": x, "padding_mask": np.ones_like(x)}
     if args.impl == "ours":
         from ultimate_trainer.config import TrainingConfig
+        from ultimate_trainer.training.losses import TokenCrossEntropy
         from ultimate_trainer.training.optimizers import build_optimizer
 
         optimizer = build_optimizer(TrainingConfig(learning_rate=1e-4), 1e-4, model)
+        loss = TokenCrossEntropy()  # a real run's loss
     else:
         optimizer = keras.optimizers.AdamW(1e-4)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     # Ours compiles as a real run does (`backend.compile_options`: XLA on tensorflow); keras-hub
     # as a keras-hub user's `fit` does (Keras' defaults). --jit-compile overrides both.
     compile_kwargs = {}
@@ -386,12 +389,6 @@ def _worker(args):
         compile_kwargs["jit_compile"] = args.jit_compile == "true"
     if args.steps_per_execution > 1:
         compile_kwargs["steps_per_execution"] = args.steps_per_execution
-    if args.impl == "ours":
-        from ultimate_trainer.training.losses import TokenCrossEntropy
-
-        loss = TokenCrossEntropy()  # a real run's loss
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
     counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq, num_experts=experts, experts_top_k=top_k)
     if model.count_params() != counts.total:

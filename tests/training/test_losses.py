@@ -1,3 +1,5 @@
+"""TokenCrossEntropy against a numpy reference, and its config."""
+
 import keras
 import numpy as np
 import pytest
