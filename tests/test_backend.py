@@ -117,8 +117,14 @@ from ultimate_trainer import backend
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "tuned":
+if sys.argv[1] != "default":
     assert backend.tune_allocator(environ={})
+if sys.argv[1] in ("generator", "generator+callback"):
+    import tensorflow as tf  # a streaming pipeline's first element: tf.data builds its from_generator kernel
+    next(iter(tf.data.Dataset.from_generator(lambda: iter([1]), output_signature=tf.TensorSpec((), tf.int32))))
+if sys.argv[1] == "generator+callback":
+    from ultimate_trainer.training.callbacks import KeepAllocatorSettings
+    KeepAllocatorSettings().on_train_batch_begin(0)
 def step():  # what a train step does to the heap: 512 MiB of buffers made, written, freed
     blocks = [libc.malloc(16 << 20) for _ in range(32)]
     for block in blocks:
@@ -133,19 +139,31 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+_FAULTED_PAGES = 3 * 512 * 2**20 // 4096  # every page of three steps' buffers
+
+
+def _faults(mode):
+    done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")})
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_tuned_allocator_stops_refaulting_freed_memory_every_step():
-    def faults(mode):
-        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                              env={k: v for k, v in os.environ.items()
-                                   if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")})
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
+    default, tuned = _faults("default"), _faults("tuned")
+    assert default > _FAULTED_PAGES / 2  # glibc hands the freed blocks back and faults them in again
+    assert tuned < _FAULTED_PAGES / 20
 
-    pages = 3 * 512 * 2**20 // 4096  # every page of three steps' buffers
-    default, tuned = faults("default"), faults("tuned")
-    assert default > pages / 2  # glibc hands the freed blocks back and faults them in again
-    assert tuned < pages / 20
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_allocator_callback_undoes_tf_datas_reset():
+    pytest.importorskip("tensorflow")
+    # tf.data's from_generator kernel sets the mmap threshold to 128 KiB, undoing tune_allocator...
+    assert _faults("generator") > _FAULTED_PAGES / 2
+    # ...and the callback the trainer adds to fit and evaluate puts the settings back.
+    assert _faults("generator+callback") < _FAULTED_PAGES / 20
 
 
 def test_tune_allocator_leaves_a_user_setting_alone(monkeypatch):

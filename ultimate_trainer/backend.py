@@ -6,6 +6,7 @@ each backend's own runtime what it sees.
 """
 
 import collections
+import functools
 import os
 import sys
 
@@ -197,13 +198,40 @@ def tune_allocator(environ=None):
     environ = os.environ if environ is None else environ
     if not sys.platform.startswith("linux") or any(environ.get(k) for k in _ALLOCATOR_ENV):
         return False
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items())
+
+
+@functools.lru_cache(maxsize=None)
+def _glibc_mallopt():
     import ctypes
 
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and others: no glibc mallopt
-        return False
-    return all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items())
+        return None
+
+
+def restore_allocator():
+    """Puts `tune_allocator`'s settings back, after something in the process
+    changed them; call it only where `tune_allocator()` returned True.
+
+    TensorFlow's `from_generator` kernel (the streaming pipeline's) sets
+    glibc's mmap threshold to 128 KiB when it is built, a Python 3.11
+    workaround in tf.data (`ApplyPython311MemoryPatch`, found with a gdb
+    breakpoint on mallopt). After that every buffer over 128 KiB was mapped
+    and unmapped each step: the whole program on torch spent a quarter of
+    its time in page faults. The kernel is built when an iterator starts,
+    in a tf.data thread, so `callbacks.KeepAllocatorSettings` calls this
+    before every batch; it costs two `mallopt` calls, microseconds.
+
+    Example:
+        if tune_allocator():
+            restore_allocator()  # after building a tf.data iterator
+    """
+    mallopt = _glibc_mallopt()
+    for param, value in ALLOCATOR_SETTINGS.items():
+        mallopt(param, value)
 
 
 def describe_devices():

@@ -166,3 +166,11 @@ def test_retention_milestones_and_final_model(tmp_path):
     assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-4", "milestone-8"]
     assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-8" / "model.keras")
     assert "--save-total-limit 2: removed" in result.stdout
+
+
+def test_fit_and_evaluate_keep_the_allocator_settings_only_where_tuned():
+    from ultimate_trainer.training import callbacks, trainer
+
+    kept = trainer._allocator_callbacks({"backend": {"host_allocator": trainer.ALLOCATOR_KEPT}})
+    assert [type(c) for c in kept] == [callbacks.KeepAllocatorSettings]
+    assert trainer._allocator_callbacks({"backend": {"host_allocator": "as configured"}}) == []

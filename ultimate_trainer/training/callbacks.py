@@ -1,4 +1,5 @@
-"""Callbacks: progress and metrics, periodic validation, periodic checkpoints.
+"""Callbacks: progress and metrics, periodic validation, periodic checkpoints,
+and the host allocator's settings.
 
 `fit` runs in Keras epochs of `StepClock.epoch_steps` optimizer steps: the
 largest span that divides the log, eval and save intervals. Keras resets its
@@ -13,6 +14,8 @@ import math
 import time
 
 import keras
+
+from ultimate_trainer import backend as backend_lib
 
 
 class StepClock:
@@ -80,6 +83,23 @@ class StepCounter(keras.callbacks.Callback):
         self.clock.step += 1
         if self.clock.done or self.clock.interrupted:
             self.model.stop_training = True
+
+
+class KeepAllocatorSettings(keras.callbacks.Callback):
+    """Restores `backend.tune_allocator`'s glibc settings before every batch,
+    because tf.data's `from_generator` kernel resets them when an iterator
+    starts (see `backend.restore_allocator`). Add it only where
+    `tune_allocator()` returned True.
+
+    Example:
+        model.fit(dataset, callbacks=[KeepAllocatorSettings()])
+    """
+
+    def on_train_batch_begin(self, batch, logs=None):
+        backend_lib.restore_allocator()
+
+    def on_test_batch_begin(self, batch, logs=None):
+        backend_lib.restore_allocator()
 
 
 class MetricsLogger(keras.callbacks.Callback):

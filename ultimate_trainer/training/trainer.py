@@ -30,6 +30,16 @@ def say(message):
         print(message, flush=True)
 
 
+ALLOCATOR_KEPT = "kept freed memory (glibc mallopt)"
+
+
+def _allocator_callbacks(plan):
+    """What keeps `tune_allocator`'s settings in force during `fit`/`evaluate`."""
+    from ultimate_trainer.training import callbacks as cb
+
+    return [cb.KeepAllocatorSettings()] if plan["backend"]["host_allocator"] == ALLOCATOR_KEPT else []
+
+
 def train(cfg):
     """Trains as `cfg` says; returns the process exit code."""
     allocator_tuned = backend_lib.tune_allocator()  # before the big buffers exist
@@ -63,7 +73,7 @@ def train(cfg):
     plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
     plan["distribution"] = dist.describe()
     devices = backend_lib.describe_devices()
-    devices["host_allocator"] = "kept freed memory (glibc mallopt)" if allocator_tuned else "as configured"
+    devices["host_allocator"] = ALLOCATOR_KEPT if allocator_tuned else "as configured"
     if backend_lib.choice().get("backend") == devices["backend"]:
         devices["chosen_by"] = backend_lib.choice()["reason"]
     plan["backend"] = devices
@@ -168,7 +178,7 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
         model.compile(loss=TokenCrossEntropy(), **backend_lib.compile_options(dist.strategy))
     batches = plan["data"]["eval_batches"]
     loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
-                                return_dict=True)["loss"])
+                                callbacks=_allocator_callbacks(plan), return_dict=True)["loss"])
     result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
               "val_tokens": batches * eval_batch * cfg.model.seq_len}
     if cfg.run.json:
@@ -299,7 +309,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
                            cfg.loader.num_workers)
 
     def evaluate():
-        return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, return_dict=True)["loss"]
+        return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, callbacks=_allocator_callbacks(plan),
+                              return_dict=True)["loss"]
 
     accumulation = t.gradient_accumulation_steps
     intervals = (o.log_every, o.eval_every, o.save_every) + ((o.milestone_every,) if o.milestone_every else ())
@@ -375,6 +386,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         cb.PeriodicEval(clock, o.eval_every, validate),
         cb.PeriodicCheckpoint(clock, o.save_every, save),
         *([cb.PeriodicCheckpoint(clock, o.milestone_every, save_milestone)] if o.milestone_every else []),
+        *_allocator_callbacks(plan),
     ]
     remaining = s["total_steps"] - start_step
     say(f"training {remaining:,} steps, {start_step:,} -> {s['total_steps']:,} (Keras epochs of {clock.epoch_steps} steps)")
