@@ -28,7 +28,7 @@ override with --peak-flops).
 
 Example:
     python tools/bench_train.py --shapes tiny --backends jax,tensorflow
-    python tools/bench_train.py --precisions float32,bfloat16 --steps 3 --windows 4   # the issue's full run
+    python tools/bench_train.py --precisions float32,bfloat16 --steps 3 --windows 4 --repeats tiny=2   # full run
     python tools/bench_train.py --windows 4 --steps 5 --json results.json
     python tools/bench_train.py --shapes tiny,moe-tiny --impls ours --backends jax   # MoE vs dense
 
@@ -490,6 +490,51 @@ def summarize(results):
     return "\n".join(lines)
 
 
+def _parse_repeats(text, parser):
+    """`tiny=2,small=1` -> {"tiny": 2, "small": 1}."""
+    repeats = {}
+    for item in filter(None, (text or "").split(",")):
+        shape, _, count = item.partition("=")
+        if shape not in SHAPES or not count.isdigit() or int(count) < 1:
+            parser.error(f"--repeats takes SHAPE=N pairs with a shape of {', '.join(SHAPES)} and N >= 1, not {item!r}")
+        repeats[shape] = int(count)
+    return repeats
+
+
+def _run_worker(args, impl, backend, shape, precision, work_dir):
+    """One worker process; its result, or None (said on stderr) when it failed."""
+    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
+           "--steps", str(args.steps), "--windows", str(args.windows),
+           "--peak-flops", str(args.peak_flops), "--jit-compile", args.jit_compile,
+           "--steps-per-execution", str(args.steps_per_execution), "--work-dir", work_dir]
+    cmd += ["--mixed-precision"] if precision == "bfloat16" else []
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        print(f"{backend} {shape} {impl} {precision}: failed\n{(out.stdout + out.stderr)[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["precision"] = precision
+    return result
+
+
+def _merge(runs, peak_flops):
+    """One result from repeated runs of a cell: the median over all their timed windows."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[0], windows=[w for r in runs for w in r["windows"]])
+    merged["tokens_per_sec"] = statistics.median(merged["windows"])
+    merged["mfu"] = merged["tokens_per_sec"] * merged["flops_per_token"] / peak_flops
+    return merged
+
+
+def _print_result(result, suffix=""):
+    spread = max(result["windows"]) / min(result["windows"]) - 1
+    print(f"{result['backend']:<10} {result['shape']:<5} {result['precision']:<8} {result['impl']:<13} "
+          f"{result['tokens_per_sec']:>8,.0f} tok/s  MFU {100 * result['mfu']:5.1f}%  "
+          f"(window spread {100 * spread:.0f}%{suffix})", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="jax,torch,tensorflow")
@@ -502,6 +547,9 @@ def main(argv=None):
                         help="float32 and/or bfloat16 (Keras mixed_bfloat16, torch autocast); bfloat16 runs ours "
                              "and the CLI only")
     parser.add_argument("--mixed-precision", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", default="",
+                        help="run each cell of these shapes N times, going round the implementations, and "
+                             "take the median of all their windows (e.g. tiny=2)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "true", "false"],
                         help="Keras `compile(jit_compile=...)` for the fit-based runs (default: a real run's for ours, "
@@ -520,37 +568,39 @@ def main(argv=None):
     unknown = set(precisions) - {"float32", "bfloat16"}
     if unknown:
         parser.error(f"--precisions takes float32 and/or bfloat16, not {', '.join(sorted(unknown))}")
+    repeats = _parse_repeats(args.repeats, parser)
     results = []
     work_dir = tempfile.mkdtemp(prefix="bench_train_")
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             for precision in precisions:
+                planned = []
                 for impl in args.impls.split(","):
-                    if not _runs(impl, backend, shape, precision):
-                        if NATIVE.get(impl, backend) == backend:  # say so; other frameworks' loops are just not theirs
-                            print(f"{backend} {shape} {impl} {precision}: not run (bfloat16 and MoE shapes run "
-                                  f"ours and the CLI only; the CLI runs small only)", file=sys.stderr)
-                        continue
-                    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
-                           "--steps", str(args.steps), "--windows", str(args.windows),
-                           "--peak-flops", str(args.peak_flops), "--jit-compile", args.jit_compile,
-                           "--steps-per-execution", str(args.steps_per_execution), "--work-dir", work_dir]
-                    cmd += ["--mixed-precision"] if precision == "bfloat16" else []
-                    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if out.returncode:
-                        print(f"{backend} {shape} {impl} {precision}: failed\n{(out.stdout + out.stderr)[-3000:]}",
-                              file=sys.stderr)
-                        continue
-                    result = json.loads(out.stdout.strip().splitlines()[-1])
-                    result["precision"] = precision
-                    results.append(result)
-                    spread = max(result["windows"]) / min(result["windows"]) - 1
-                    print(f"{backend:<10} {shape:<5} {precision:<8} {impl:<13} {result['tokens_per_sec']:>8,.0f} tok/s  "
-                          f"MFU {100 * result['mfu']:5.1f}%  (window spread {100 * spread:.0f}%)", flush=True)
+                    if _runs(impl, backend, shape, precision):
+                        planned.append(impl)
+                    elif NATIVE.get(impl, backend) == backend:  # say so; other frameworks' loops are just not theirs
+                        print(f"{backend} {shape} {impl} {precision}: not run (bfloat16 and MoE shapes run "
+                              f"ours and the CLI only; the CLI runs small only)", file=sys.stderr)
+                # Repeats go round the implementations (A, B, A, B), so a slow spell of the machine
+                # falls on all of them rather than on one.
+                runs = {}
+                for attempt in range(repeats.get(shape, 1)):
+                    for impl in planned:
+                        result = _run_worker(args, impl, backend, shape, precision, work_dir)
+                        if result is None:
+                            continue
+                        runs.setdefault(impl, []).append(result)
+                        suffix = f", run {attempt + 1} of {repeats[shape]}" if shape in repeats else ""
+                        _print_result(result, suffix)
+                for impl, done in runs.items():
+                    merged = _merge(done, args.peak_flops)
+                    if len(done) > 1:
+                        _print_result(merged, f", median of all {len(merged['windows'])} windows")
+                    results.append(merged)
     shutil.rmtree(work_dir, ignore_errors=True)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
-          f"peak {args.peak_flops / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.windows} windows")
+          f"peak {args.peak_flops / 1e9:.0f} GFLOP/s; {args.steps} steps x {args.windows} windows"
+          + "".join(f"; {shape} cells run {n} times" for shape, n in repeats.items()))
     print(summarize(results))
     if args.json:
         with open(args.json, "w") as f:
