@@ -198,7 +198,7 @@ class CloudConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    backend: str = _opt(None, "Keras backend. auto: jax when a flag needs keras.distribution (--distribution fsdp or model, several processes), else the fastest measured for the devices found (tensorflow on this project's CPU, jax on TPU and GPU; docs/benchmarks.md); the choice and its reason are printed. Default: $KERAS_BACKEND when set, else auto.", type=str, choices=["auto", "jax", "torch", "tensorflow"])
+    backend: str = _opt(None, "Keras backend. auto: jax when a flag needs keras.distribution (--distribution fsdp or model, several processes), else the fastest measured for the devices found and the precision (on this project's CPU tensorflow in float32, torch in bfloat16; jax on TPU and GPU; docs/benchmarks.md); the choice and its reason are printed. Default: $KERAS_BACKEND when set, else auto.", type=str, choices=["auto", "jax", "torch", "tensorflow"])
     config: str = _opt(None, "YAML recipe; flags on the command line override it.", type=str, metavar="RECIPE.yaml")
     recipe: str = _opt(None, "A shipped recipe by name, e.g. ttt-125m (`ultimate-trainer recipes` lists them); flags on the command line override it, as with --config.", type=str, metavar="NAME")
     dry_run: bool = _opt(False, "Resolve everything, print the plan and exit without training.")
