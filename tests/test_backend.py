@@ -41,6 +41,18 @@ def test_auto_picks_the_fastest_measured_backend_on_cpu(precision):
     assert reason.startswith(f"auto: fastest measured on cpu in {precision}") and f"{name} {table[name]:,.0f}" in reason
 
 
+@pytest.mark.parametrize("flags", [{"distribution.distribution": "data"},
+                                   {"distribution.distribution": "data", "distribution.mesh": "batch=2"}])
+def test_auto_never_picks_torch_for_distribution_flags_it_refuses(flags, monkeypatch):
+    # Make torch the fastest measured, as it is in bfloat16: a data-parallel run must still get
+    # a backend that runs it, and say why torch was passed over.
+    monkeypatch.setitem(backend_lib.MEASURED_TOKENS_PER_SEC, ("cpu", "float32"),
+                        {"torch": 900.0, "tensorflow": 500.0, "jax": 400.0})
+    name, reason = backend_lib.auto_backend(resolve_config(flags), device_kind="cpu", installed=ALL)
+    assert name == "tensorflow" and "not torch, which cannot run --distribution data" in reason
+    assert backend_lib.auto_backend(resolve_config({}), device_kind="cpu", installed=ALL)[0] == "torch"
+
+
 def test_auto_skips_a_backend_that_is_not_installed():
     fastest = _fastest("cpu")
     rest = tuple(b for b in ALL if b != fastest)

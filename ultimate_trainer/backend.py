@@ -72,11 +72,20 @@ def needs_jax(cfg):
     return None
 
 
+def torch_cannot(cfg):
+    """The flag that torch cannot run (Keras distributes on jax and tensorflow
+    only; `distribution._setup_torch` refuses it), or None."""
+    # --mesh alone is refused by the config, and fsdp/model go to jax (`needs_jax`).
+    if cfg is not None and cfg.distribution.distribution == "data":
+        return "--distribution data"
+    return None
+
+
 def auto_backend(cfg=None, device_kind=None, installed=None):
     """(backend, reason) for `--backend auto`: a jax-only feature asks for jax;
     otherwise the fastest installed backend for the device kind found and the
     precision asked for, from `MEASURED_TOKENS_PER_SEC` (jax first on
-    accelerators).
+    accelerators), leaving out torch for the distribution flags it cannot run.
 
     Example:
         >>> auto_backend(device_kind="tpu", installed=("jax", "torch", "tensorflow"))[0]
@@ -89,6 +98,9 @@ def auto_backend(cfg=None, device_kind=None, installed=None):
     feature = needs_jax(cfg)
     if feature:
         return "jax", f"auto: {feature} needs keras.distribution, which Keras implements on jax only"
+    not_torch = torch_cannot(cfg)
+    if not_torch:
+        installed = [b for b in installed if b != "torch"]
     kind = device_kind or detect_device_kind()
     precision = "bfloat16" if cfg is not None and cfg.optimization.use_mixed_precision else "float32"
     measured = MEASURED_TOKENS_PER_SEC.get((kind, precision))
@@ -97,7 +109,8 @@ def auto_backend(cfg=None, device_kind=None, installed=None):
         if ranked:
             figures = ", ".join(f"{b} {measured[b]:,.0f}" for b in ranked)
             return ranked[0], (f"auto: fastest measured on {kind} in {precision} (training tokens/s of the "
-                               f"small model: {figures}; docs/benchmarks.md)")
+                               f"small model: {figures}; docs/benchmarks.md)"
+                               + (f"; not torch, which cannot run {not_torch}" if not_torch else ""))
     for name in ACCELERATOR_ORDER.get(kind, BACKENDS):
         if name in installed:
             return name, f"auto: {name} is the usual fastest on {kind} (not measured by this project)"
