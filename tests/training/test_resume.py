@@ -23,7 +23,9 @@ def _losses(out):
 STATE_PASSING = ["--ttt-layer-type", "linear", "--ttt-mini-batch-size", "8", "--state-passing"]
 
 
-@pytest.mark.parametrize("source, ttt", [("stream", False), ("shards", False), ("stream", True)])
+# The TTT state-passing variant is the slowest (95 s of the default run): it runs in the slow step.
+@pytest.mark.parametrize("source, ttt", [("stream", False), ("shards", False),
+                                         pytest.param("stream", True, marks=pytest.mark.slow)])
 def test_resume_continues_with_identical_losses(tmp_path, source, ttt):
     extra = STATE_PASSING if ttt else []
     if source == "shards":
