@@ -37,6 +37,11 @@ def _credentials(emulator):
     return ["--azure-sas-token", token], {}
 
 
+# End to end through the CLI, about 40 s a provider: the default run keeps S3, and GCS and Azure
+# run in the slow step. Every provider's bucket code still runs in the default run, in process,
+# in test_remote_resume_verifies_falls_back_and_resumes_a_broken_download.
+@pytest.mark.parametrize("emulator", ["s3", pytest.param("gcs", marks=pytest.mark.slow),
+                                      pytest.param("azure", marks=pytest.mark.slow)], indirect=True)
 def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path, straight):
     secret_flags, env = _credentials(emulator)
     out = tmp_path / "run"
@@ -111,38 +116,33 @@ def test_uploads_survive_an_outage_and_complete_after_the_restart(tmp_path):
         emulator.stop()
 
 
-def test_remote_resume_verifies_falls_back_and_resumes_a_broken_download(tmp_path, saver):
-    from tests.emulators import S3Emulator
-
-    emulator = S3Emulator(tmp_path).start()
-    try:
-        bucket = emulator.open_bucket()
-        run = tmp_path / "run"
-        uploader = cloud.Uploader(bucket, "p", log=lambda line: None)
-        for step in (2, 4):
-            uploader.submit(saver(run, f"checkpoint-{step}", step))
-        assert "2 checkpoint(s)" in uploader.close()
-        # The newest is damaged in the bucket: resuming from the prefix falls back to the older one.
-        bad = tmp_path / "bad.keras"
-        bad.write_bytes(b"not a model")
-        bucket.upload(bad, "p/checkpoint-4/model.keras")
-        logged = []
-        got = cloud.fetch_for_resume("s3://ut-checkpoints/p", tmp_path / "cache", bucket, logged.append)
-        assert got == tmp_path / "cache" / "checkpoint-2" and store.verify_checkpoint(got)
-        assert any("failed verification" in line and "resuming from checkpoint-2" in line for line in logged)
-        # An interrupted download: one file gone, another left half-written; the rest is reused.
-        (got / store.STATE_FILE).unlink()
-        (got / (store.MODEL_FILE + ".part")).write_bytes(b"half")
-        logged.clear()
-        again = cloud.fetch_for_resume("s3://ut-checkpoints/p/checkpoint-2", tmp_path / "cache", bucket,
-                                       logged.append)
-        assert again == got and store.verify_checkpoint(again)
-        fetched = float(logged[-1].split("(")[1].split(" MB")[0])
-        assert fetched < 0.01, logged[-1]  # only trainer_state.json came again
-        with pytest.raises(UserError, match="holds no complete checkpoint"):
-            cloud.fetch_for_resume("s3://ut-checkpoints/nothing-here", tmp_path / "cache", bucket)
-    finally:
-        emulator.stop()
+def test_remote_resume_verifies_falls_back_and_resumes_a_broken_download(emulator, tmp_path, saver):
+    prefix = f"{SCHEME[emulator.provider]}://{emulator.bucket}"
+    bucket = emulator.open_bucket()
+    run = tmp_path / "run"
+    uploader = cloud.Uploader(bucket, "p", log=lambda line: None)
+    for step in (2, 4):
+        uploader.submit(saver(run, f"checkpoint-{step}", step))
+    assert "2 checkpoint(s)" in uploader.close()
+    assert {k.split("/")[1] for k in bucket.list("p/") if "/checkpoint-" in k} == {"checkpoint-2", "checkpoint-4"}
+    # The newest is damaged in the bucket: resuming from the prefix falls back to the older one.
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a model")
+    bucket.upload(bad, "p/checkpoint-4/model.keras")
+    logged = []
+    got = cloud.fetch_for_resume(f"{prefix}/p", tmp_path / "cache", bucket, logged.append)
+    assert got == tmp_path / "cache" / "checkpoint-2" and store.verify_checkpoint(got)
+    assert any("failed verification" in line and "resuming from checkpoint-2" in line for line in logged)
+    # An interrupted download: one file gone, another left half-written; the rest is reused.
+    (got / store.STATE_FILE).unlink()
+    (got / (store.MODEL_FILE + ".part")).write_bytes(b"half")
+    logged.clear()
+    again = cloud.fetch_for_resume(f"{prefix}/p/checkpoint-2", tmp_path / "cache", bucket, logged.append)
+    assert again == got and store.verify_checkpoint(again)
+    fetched = float(logged[-1].split("(")[1].split(" MB")[0])
+    assert fetched < 0.01, logged[-1]  # only trainer_state.json came again
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        cloud.fetch_for_resume(f"{prefix}/nothing-here", tmp_path / "cache", bucket)
 
 
 @pytest.mark.parametrize(
