@@ -62,7 +62,9 @@ def build_parser(prog="ultimate-trainer", description=DESCRIPTION, epilog=EPILOG
     for attr, title, f in config_lib.iter_fields():
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         meta = f.metadata
-        kwargs = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS, help=_help_text(f))
+        hidden = meta.get("hidden")  # accepted aliases of the default (see config.LoaderConfig)
+        kwargs = dict(dest=f"{attr}.{f.name}", default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS if hidden else _help_text(f))
         flag = config_lib.flag_name(f)
         if meta.get("boolean_optional"):
             kwargs["action"] = argparse.BooleanOptionalAction

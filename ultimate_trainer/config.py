@@ -145,10 +145,12 @@ class TrainingConfig:
 
 @dataclasses.dataclass
 class LoaderConfig:
-    use_streaming: bool = _opt(True, "Stream and tokenize the text sources while training; --no-use-streaming reads shards from --data-dir instead.", flag="--use-streaming", boolean_optional=True)
+    # Not in --help: text sources are always streamed, so these two only restate the default. They stay
+    # accepted for the CLI guide's command lines and the MoE guide's YAML, and the plan says they change nothing.
+    use_streaming: bool = _opt(True, "Stream and tokenize the text sources while training (always so); --no-use-streaming means --data-dir shards.", flag="--use-streaming", boolean_optional=True, hidden=True)
     shuffle_buffer_size: int = _opt(10000, "Windows held in the shuffle buffer.")
-    stride: int = _opt(None, "Tokens shared by consecutive training windows (default: 0, no overlap).", type=int)
-    tokenize_on_fly: bool = _opt(False, "Tokenize the sources while training (the default without --data-dir); excludes --data-dir.")
+    stride: int = _opt(None, "Sequence stride: tokens from one training window's start to the next (default: --seq-len, so each window's first input is the previous window's last target; smaller overlaps windows).", type=int)
+    tokenize_on_fly: bool = _opt(False, "Tokenize the sources while training (always so without --data-dir); excludes --data-dir.", hidden=True)
     shard_tokens: int = _opt(100_000_000, "prepare-data: tokens per shard file.", type=count)
     num_workers: int = _opt(None, "Threads of the input pipeline (tf.data's private thread pool; default: tf.data's own choice).", type=int)
 
@@ -400,10 +402,22 @@ def resolve_config(cli_values, recipe_path=None):
     for key, value in merged.items():
         attr, name = key.split(".", 1)
         setattr(getattr(cfg, attr), name, value)
+    _imply_trained_tokenizer(cfg)
     _apply_preset(cfg)
     _apply_target_params(cfg)
     validate(cfg)
     return cfg
+
+
+def _imply_trained_tokenizer(cfg):
+    """--vocab-size, --auto-vocab-size and the other tokenizer-training flags
+    mean a trained tokenizer: the CLI guide's commands pass them without
+    naming one (`--tokenizer sentencepiece` stays the explicit spelling)."""
+    t = cfg.tokenizer
+    if "tokenizer.tokenizer" in cfg.explicit or t.tokenizer_path or cfg.data.data_dir:
+        return  # an explicit choice wins; a loaded tokenizer or shards bring their own (validation says so)
+    if any(f"tokenizer.{name}" in cfg.explicit and getattr(t, name) is not False for name in IMPLY_TRAINED):
+        t.tokenizer = "sentencepiece"
 
 
 def _apply_preset(cfg):
@@ -435,7 +449,8 @@ def vocab_size_of(tokenizer_cfg):
 
     `byte`: 258; a trained tokenizer: --vocab-size; --tokenizer-path: read from
     the files there. With --auto-vocab-size the size is only known after
-    training, so this raises `UserError` (the caller needs the size now).
+    training, so this raises `UserError` (the caller needs the size now;
+    `target_params_pending` says when the model waits for it).
     """
     t = tokenizer_cfg
     from ultimate_trainer.data import tokenizers
@@ -446,11 +461,31 @@ def vocab_size_of(tokenizer_cfg):
         return tokenizers.ByteTokenizer.vocab_size
     if t.auto_vocab_size:
         raise UserError(
-            "--target-params needs the vocab size before the data is read, but --auto-vocab-size picks it "
-            "after training the tokenizer; pass --vocab-size N instead (a dry run with --auto-vocab-size "
-            "prints the size it picks)"
+            "the vocab size is needed before the data is read, but --auto-vocab-size picks it after training "
+            "the tokenizer; pass --vocab-size N instead (a dry run with --auto-vocab-size prints the size it picks)"
         )
     return t.vocab_size
+
+
+def target_params_pending(cfg):
+    """True when --target-params waits for --auto-vocab-size: the model is
+    sized by `sized_for_vocab` once the tokenizer is trained."""
+    t = cfg.tokenizer
+    return (cfg.model.target_params is not None and t.auto_vocab_size and not t.tokenizer_path
+            and t.tokenizer == "sentencepiece")
+
+
+def sized_for_vocab(cfg, vocab_size):
+    """`cfg` itself, or (when `target_params_pending`) a new `Config` whose
+    model is sized for `vocab_size`, the size the trained tokenizer has.
+
+    Example:
+        cfg = sized_for_vocab(cfg, tokenizer.vocab_size)   # after --auto-vocab-size picked it
+    """
+    if not target_params_pending(cfg):
+        return cfg
+    model = dataclasses.replace(cfg.model, **_solve_target(cfg.model, vocab_size))
+    return dataclasses.replace(cfg, model=model)
 
 
 def _apply_target_params(cfg):
@@ -464,7 +499,14 @@ def _apply_target_params(cfg):
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise UserError(f"--target-params chooses {flag} itself; drop {flag} or drop --target-params")
-    vocab = vocab_size_of(cfg.tokenizer)
+    if target_params_pending(cfg):
+        return  # sized once the tokenizer has chosen its vocab (sized_for_vocab)
+    for name, value in _solve_target(m, vocab_size_of(cfg.tokenizer)).items():
+        setattr(m, name, value)
+
+
+def _solve_target(m, vocab):
+    """{d_model, num_layers, num_heads, d_ff} for --target-params at `vocab`."""
     solution = sizing.solve_target_params(
         m.target_params, vocab, m.seq_len, use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm,
         use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth,
@@ -477,9 +519,7 @@ def _apply_target_params(cfg):
             f"(the embeddings alone take {embedding:,} at d_model 64); raise --target-params, "
             f"add --tie-embeddings or use a smaller vocab"
         )
-    m.d_model, m.num_layers, m.num_heads, m.d_ff = (
-        solution.d_model, solution.num_layers, solution.num_heads, solution.d_ff
-    )
+    return {name: getattr(solution, name) for name in SIZED_BY_TARGET}
 
 
 def _positive(value, flag, allow_none=False):
@@ -581,9 +621,10 @@ def validate(cfg):
     _validate_distribution(cfg.distribution)
     loader = cfg.loader
     _positive(loader.shuffle_buffer_size, flags["shuffle_buffer_size"])
-    if loader.stride is not None and not 0 <= loader.stride < m.seq_len:
+    if loader.stride is not None and not 1 <= loader.stride <= m.seq_len:
         raise UserError(
-            f"--stride {loader.stride} must be at least 0 and below --seq-len {m.seq_len}"
+            f"--stride {loader.stride} must lie between 1 and --seq-len {m.seq_len} (the step from one "
+            f"window's start to the next; default --seq-len)"
         )
     _positive(loader.shard_tokens, flags["shard_tokens"])
     _positive(loader.num_workers, flags["num_workers"], allow_none=True)
@@ -710,12 +751,11 @@ def _validate_ttt(m, explicit, flags, loader):
                 f"({m.ttt_mini_batch_size}), so each window ends on a whole inner step; "
                 f"try --seq-len {m.seq_len // m.ttt_mini_batch_size * m.ttt_mini_batch_size or m.ttt_mini_batch_size}"
             )
-        if loader.stride not in (None, 1):
+        if loader.stride not in (None, m.seq_len):
             raise UserError(
                 f"--stride {loader.stride}: --state-passing reads each stream contiguously (each window starts "
-                f"at the previous window's last target); drop --stride"
+                f"at the previous window's last target, stride --seq-len); drop --stride"
             )
-        loader.stride = 1
     _positive(m.ttt_mini_batch_size, flags["ttt_mini_batch_size"])
     _positive(m.ttt_base_lr, flags["ttt_base_lr"], allow_none=True)
     if m.ttt_layers is not None:
@@ -819,6 +859,8 @@ def _validate_data(d, explicit, flags):
 # Flags that only mean something when a tokenizer is trained here.
 TRAINING_FLAGS = ("tokenizer_model", "auto_vocab_size", "vocab_size", "min_vocab_size", "max_vocab_size",
                   "tokenizer_train_examples", "retrain_tokenizer")
+# Of those, the ones that ask for a trained tokenizer by themselves (the CLI guide's usage).
+IMPLY_TRAINED = ("vocab_size", "auto_vocab_size", "tokenizer_train_examples", "tokenizer_model")
 
 
 def _validate_tokenizer(t, explicit, flags):

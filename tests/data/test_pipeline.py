@@ -29,7 +29,7 @@ def reference_windows(records, window, step):
 RECORDS = ["hello world", "a", "", "ünïcode ✓ text", "x" * 97, "the end"]
 
 
-@pytest.mark.parametrize("seq_len,stride", [(4, None), (4, 0), (4, 2), (7, 6), (16, 3), (200, None)])
+@pytest.mark.parametrize("seq_len,stride", [(4, None), (4, 1), (4, 2), (7, 6), (7, 7), (16, 3), (200, None)])
 def test_pack_matches_numpy_reference(seq_len, stride):
     window, step = window_step(seq_len, stride)
     got = np.array([w.numpy() for w in pack(_tokenize(_records_dataset(RECORDS), TOK), window, step)])
@@ -40,8 +40,10 @@ def test_pack_matches_numpy_reference(seq_len, stride):
 
 
 def test_window_step_arithmetic():
-    assert window_step(256, None) == (257, 257)
-    assert window_step(256, 64) == (257, 193)
+    # --stride is the step between window starts (default --seq-len): the last target of one
+    # window is the first input of the next, so every token after the first is a target once.
+    assert window_step(256, None) == (257, 256)
+    assert window_step(256, 64) == (257, 64)
     assert windows_in(5, 6, 1) == 0 and windows_in(6, 6, 1) == 1 and windows_in(10, 4, 3) == 3
 
 
@@ -67,7 +69,7 @@ def test_train_stream_repeats_past_one_epoch():
 def test_eval_dataset_is_ordered_and_keeps_the_short_last_batch():
     records = ["abcdefghij" * 3]
     batches = [(x.numpy(), y.numpy()) for x, y in eval_dataset(records, TOK, 4, 3)]
-    windows = reference_windows(records, 5, 5)
+    windows = reference_windows(records, 5, 4)  # windows tile the targets: step = seq_len
     got = np.concatenate([np.concatenate([x, y[:, -1:]], axis=1) for x, y in batches])
     np.testing.assert_array_equal(got, windows)
     assert batches[-1][0].shape[0] == len(windows) % 3 or len(windows) % 3 == 0
@@ -80,10 +82,10 @@ def _batches(ds, n):
 @pytest.mark.parametrize("shuffle_buffer_size", [1, 7, 64, 10000])
 def test_resume_at_any_window_gives_the_uninterrupted_batches(shuffle_buffer_size):
     records = [f"doc {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(6)]
-    args = dict(records=records, tokenizer=TOK, seq_len=8, batch_size=3, stride=2,
+    args = dict(records=records, tokenizer=TOK, seq_len=8, batch_size=3, stride=6,
                 shuffle_buffer_size=shuffle_buffer_size, seed=11)
     straight = np.concatenate(_batches(train_dataset(**args), 60))  # several epochs
-    window, step = window_step(8, 2)
+    window, step = window_step(8, 6)
     per_epoch = windows_in(count_stream_tokens(records, TOK), window, step)
     assert len(straight) > 3 * per_epoch
     for steps_done in (1, 5, 17, 33):
@@ -120,13 +122,13 @@ def test_a_reread_source_streams_exactly_like_a_list_and_resumes(shuffle_buffer_
     records = [f"doc {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(600)]  # > one generator chunk
     source = _Reread(records)
     assert count_stream_tokens(source, TOK) == sum(len(t.encode()) + 1 for t in records)
-    args = dict(tokenizer=TOK, seq_len=8, batch_size=3, stride=2, shuffle_buffer_size=shuffle_buffer_size, seed=5)
+    args = dict(tokenizer=TOK, seq_len=8, batch_size=3, stride=6, shuffle_buffer_size=shuffle_buffer_size, seed=5)
     from_list = np.concatenate(_batches(train_dataset(records, **args), 40))
     np.testing.assert_array_equal(np.concatenate(_batches(train_dataset(source, **args), 40)), from_list)
     resumed = np.concatenate(_batches(train_dataset(source, **args, start_window=30), 10))
     np.testing.assert_array_equal(resumed, from_list[30:60])
     evaluated = np.concatenate([np.concatenate([x, y[:, -1:]], 1) for x, y in eval_dataset(source, TOK, 8, 4)])
-    np.testing.assert_array_equal(evaluated, reference_windows(records, 9, 9))
+    np.testing.assert_array_equal(evaluated, reference_windows(records, 9, 8))
     assert source.passes >= 4  # read again, never held
 
 

@@ -352,7 +352,8 @@ def test_loading_errors_are_one_line(tmp_path, sp_tok, corpus):
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"tokenizer.vocab_size": 8000}, "--vocab-size applies to a trained tokenizer; add --tokenizer sentencepiece"),
+        ({"tokenizer.tokenizer": "byte", "tokenizer.vocab_size": 8000},
+         "--vocab-size applies to a trained tokenizer; add --tokenizer sentencepiece"),
         ({"tokenizer.retrain_tokenizer": True}, "--retrain-tokenizer applies to a trained tokenizer"),
         ({"tokenizer.tokenizer": "sentencepiece", "tokenizer.auto_vocab_size": True,
           "tokenizer.min_vocab_size": 9000, "tokenizer.max_vocab_size": 8000},
@@ -365,13 +366,31 @@ def test_loading_errors_are_one_line(tmp_path, sp_tok, corpus):
          "--vocab-size 200 leaves no room for learned pieces: a trained tokenizer holds 260 fixed ids"),
         ({"tokenizer.tokenizer": "sentencepiece", "tokenizer.vocab_size": 0}, "--vocab-size must be a positive number"),
         ({"tokenizer.tokenizer_path": "/no/such.model"}, "--tokenizer-path /no/such.model: no such file or directory"),
-        ({"tokenizer.tokenizer": "sentencepiece", "tokenizer.auto_vocab_size": True, "model.target_params": 10**7},
-         "--target-params needs the vocab size before the data is read, but --auto-vocab-size picks it"),
     ],
 )
 def test_tokenizer_flag_errors(values, message):
     with pytest.raises(UserError, match=message):
         resolve_config(values)
+
+
+@pytest.mark.parametrize("values", [{"tokenizer.vocab_size": 16000}, {"tokenizer.auto_vocab_size": True},
+                                    {"tokenizer.tokenizer_train_examples": 500}, {"tokenizer.tokenizer_model": "unigram"}])
+def test_tokenizer_training_flags_imply_a_trained_tokenizer(values):
+    # The CLI guide passes --vocab-size / --auto-vocab-size without naming a tokenizer.
+    assert resolve_config(values).tokenizer.tokenizer == "sentencepiece"
+    assert resolve_config({}).tokenizer.tokenizer == "byte"
+
+
+def test_target_params_with_auto_vocab_size_waits_for_the_vocab():
+    cfg = resolve_config({"tokenizer.auto_vocab_size": True, "model.target_params": 10**7, "model.prefer_depth": True})
+    assert config_lib.target_params_pending(cfg)
+    sized = config_lib.sized_for_vocab(cfg, 10000)
+    # The same shape as sizing with that vocab known up front.
+    known = resolve_config({"tokenizer.vocab_size": 10000, "model.target_params": 10**7, "model.prefer_depth": True})
+    shape = ("d_model", "num_layers", "num_heads", "d_ff")
+    assert [getattr(sized.model, n) for n in shape] == [getattr(known.model, n) for n in shape]
+    assert cfg.model.d_model == 512  # the resolved config is left as it was
+    assert config_lib.sized_for_vocab(known, 123) is known  # nothing pending: unchanged
 
 
 def test_tokenizer_path_flags(tmp_path, corpus):

@@ -20,10 +20,15 @@ import tensorflow as tf
 
 def window_step(seq_len, stride):
     """Windows hold seq_len + 1 tokens (inputs plus the shifted targets) and
-    start every `window - stride` tokens, so consecutive windows share
-    `stride` tokens."""
-    window = seq_len + 1
-    return window, window - (stride or 0)
+    start every `stride` tokens (the CLI guide's "sequence stride"), by
+    default `seq_len`: each window's first input is the previous window's
+    last target, so every token after the first is a target exactly once.
+
+    Example:
+        >>> window_step(256, None), window_step(256, 64)
+        ((257, 256), (257, 64))
+    """
+    return seq_len + 1, stride or seq_len
 
 
 def windows_in(num_tokens, window, step):
@@ -163,7 +168,7 @@ def train_dataset(
 
 
 def eval_dataset(records, tokenizer, seq_len, batch_size):
-    """One ordered pass over `records` in non-overlapping windows; the last batch may be short."""
+    """One ordered pass over `records` in windows that tile the targets; the last batch may be short."""
     window, step = window_step(seq_len, None)
     ds = pack(_tokenize(_records_dataset(records), tokenizer), window, step)
     return ds.batch(batch_size).map(_split).prefetch(tf.data.AUTOTUNE)
@@ -209,7 +214,7 @@ def row_stream_dataset(records, tokenizer, seq_len, bounds, windows_per_row, sta
         x, y = next(iter(row_stream_dataset(records, tok, 8, bounds, per_row)))  # [4, 8] each
     """
     rows = len(bounds) - 1
-    window, step = window_step(seq_len, 1)
+    window, step = window_step(seq_len, None)
     per_epoch = windows_per_row * rows
     first_epoch, offset = divmod(start_window, per_epoch)
     skip_steps = offset // rows

@@ -231,7 +231,7 @@ def shard_row_dataset(store, seq_len, rows, start_window=0):
     n // rows, so resuming at window n costs nothing."""
     from ultimate_trainer.data.pipeline import window_step, windows_in
 
-    window, step = window_step(seq_len, 1)
+    window, step = window_step(seq_len, None)
     row_tokens = store.total // rows
     per_row = windows_in(row_tokens, window, step)
     if per_row < 1:

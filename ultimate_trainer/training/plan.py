@@ -176,6 +176,12 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
         t.min_lr_ratio if t.min_lr_ratio is not None else 0.1)
     if m.use_lora and not m.init_from:
         notes.append("--use-lora without --init-from trains adapters on a randomly initialised base model")
+    restated = [flag for key, flag in (("loader.use_streaming", "--use-streaming"),
+                                       ("loader.tokenize_on_fly", "--tokenize-on-fly"))
+                if key in cfg.explicit and getattr(cfg.loader, key.split(".")[1]) and not cfg.data.data_dir]
+    if restated:
+        notes.append(f"{' and '.join(restated)}: text sources are always streamed and tokenized while training; "
+                     f"accepted as the guides write it, changes nothing")
 
     return {
         "architecture": architecture,

@@ -70,6 +70,13 @@ def train(cfg):
         say(batch_line)
     with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
         tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training))
+    if config_lib.target_params_pending(cfg):
+        cfg = config_lib.sized_for_vocab(cfg, tokenizer.vocab_size)
+        m = cfg.model
+        if not cfg.run.json:
+            say(f"--target-params {m.target_params:,} sized for the {tokenizer.vocab_size:,}-piece vocab that "
+                f"--auto-vocab-size picked: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
+                f"d_ff {m.d_ff}")
     plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
     plan["distribution"] = dist.describe()
     devices = backend_lib.describe_devices()
