@@ -37,6 +37,16 @@ def cli():
     return run_cli
 
 
+# What TensorFlow's and XLA's C++ start-up writes unless --verbose (backend.quiet_start).
+START_UP_LOGS = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit", "cuda_platform")
+
+
+def assert_no_start_up_logs(text):
+    """Fails naming the first framework start-up log line found in `text`."""
+    for line in text.splitlines():
+        assert not any(mark in line for mark in START_UP_LOGS), f"start-up log line: {line}"
+
+
 def tiny_model_flags():
     """A model small enough that a few training steps take seconds."""
     return [

@@ -183,3 +183,21 @@ def test_tune_allocator_leaves_a_user_setting_alone(monkeypatch):
     assert backend_lib.tune_allocator(environ={"LD_PRELOAD": "/usr/lib/libjemalloc.so"}) is False
     monkeypatch.setattr(sys, "platform", "darwin")
     assert backend_lib.tune_allocator(environ={}) is False
+
+
+def test_quiet_start_holds_back_native_logs_and_replays_them_on_failure(capfd):
+    import os
+
+    from ultimate_trainer.backend import quiet_start
+
+    with quiet_start():
+        os.write(2, b"I0000 oneDNN custom operations are on\n")  # as C++ logging writes: straight to fd 2
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ImportError):
+        with quiet_start():
+            os.write(2, b"E0000 failed call to cuInit\n")
+            raise ImportError("no module")
+    assert "failed call to cuInit" in capfd.readouterr().err  # a failed start shows what was held back
+    with quiet_start(enabled=False):  # --verbose
+        os.write(2, b"shown\n")
+    assert capfd.readouterr().err == "shown\n"

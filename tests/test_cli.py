@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli, tiny_model_flags
+from tests.conftest import assert_no_start_up_logs, run_cli, tiny_model_flags
 from ultimate_trainer import config as config_lib
 from ultimate_trainer.cli import main
 
@@ -65,6 +65,7 @@ def test_dry_run_json_is_one_object(tmp_path):
     assert plan["schedule"]["total_steps"] == 3 * plan["schedule"]["steps_per_epoch"]
     assert plan["backend"]["backend"] == "jax"
     assert not (tmp_path / "o").exists(), "a dry run must not create the output dir"
+    assert_no_start_up_logs(result.stdout + result.stderr)
 
 
 def test_dry_run_text_and_token_budget(tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import assert_no_start_up_logs, run_cli
 
 
 @pytest.mark.slow
@@ -14,6 +14,7 @@ def test_default_nano_run_learns_and_writes_its_outputs(tmp_path):
     result = run_cli(["--model-preset", "nano"], cwd=tmp_path, timeout=1500, backend="", env={"KERAS_BACKEND": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "backend chosen by auto: " in result.stdout
+    assert_no_start_up_logs(result.stdout + result.stderr)  # a plain run is quiet unless --verbose
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["final_val_loss"] <= 0.7 * summary["initial_val_loss"], summary
     step = summary["steps"]

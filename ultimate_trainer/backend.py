@@ -6,9 +6,11 @@ each backend's own runtime what it sees.
 """
 
 import collections
+import contextlib
 import functools
 import os
 import sys
+import tempfile
 
 from ultimate_trainer.errors import UserError
 
@@ -158,6 +160,54 @@ def select_backend(requested=None, cfg=None, default="auto"):
 def choice():
     """{"backend", "reason"} of the last `select_backend`, or {} before it."""
     return dict(_choice)
+
+
+@contextlib.contextmanager
+def quiet_start(enabled=True):
+    """Holds back what the frameworks write to file descriptor 2 while they load
+    and find their devices: absl's pre-init warning, oneDNN's notice and the
+    CUDA probes of a machine without a GPU come from C++ logging that
+    TF_CPP_MIN_LOG_LEVEL does not reach. If loading fails, what was held back
+    is written out after all, so a real error is never hidden.
+
+    Example:
+        with quiet_start(not cfg.run.verbose):
+            import keras
+            init_devices()
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def init_devices():
+    """Makes the backend (and TensorFlow, which serves tf.data on every backend)
+    find its devices now, inside `quiet_start`, instead of at the first op."""
+    import keras
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.devices()
 
 
 def compile_options(strategy=None):

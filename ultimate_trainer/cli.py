@@ -91,11 +91,13 @@ def _train(argv):
     cfg = parse_config(argv)
     if "loader.shard_tokens" in cfg.explicit:
         raise UserError("--shard-tokens only applies to `prepare-data`; drop it from a training run")
-    from ultimate_trainer.backend import select_backend
+    from ultimate_trainer import backend
 
-    select_backend(cfg.run.backend, cfg)
-    from ultimate_trainer.training.trainer import train
+    backend.select_backend(cfg.run.backend, cfg)
+    with backend.quiet_start(not cfg.run.verbose):
+        from ultimate_trainer.training.trainer import train
 
+        backend.init_devices()
     return train(cfg)
 
 
@@ -107,10 +109,13 @@ def _prepare_data(argv):
     if not destination:
         raise UserError("prepare-data needs --data-dir DIR, the directory to write the shards into")
     cfg = config_lib.resolve_config(values)
-    from ultimate_trainer.backend import select_backend
+    from ultimate_trainer import backend
 
-    select_backend(cfg.run.backend)
-    from ultimate_trainer.data import shards, sources, tokenizers
+    backend.select_backend(cfg.run.backend)
+    with backend.quiet_start(not cfg.run.verbose):
+        from ultimate_trainer.data import shards, sources, tokenizers
+
+        backend.init_devices()
 
     train, val, source = sources.open_records(cfg.data)
     tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, train, val, log=print,
@@ -125,7 +130,7 @@ def _generate(argv):
     """`generate --checkpoint DIR --prompt TEXT`: sample text from a trained model."""
     import json
 
-    from ultimate_trainer.backend import BACKENDS, select_backend
+    from ultimate_trainer.backend import BACKENDS, init_devices, quiet_start, select_backend
 
     parser = _Parser(prog="ultimate-trainer generate", description="Sample text from a checkpoint.")
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint-<step> directory")
@@ -140,6 +145,7 @@ def _generate(argv):
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole window per token (slower)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per sample")
     parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND, else jax)")
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own start-up logs")
     args = parser.parse_args(argv)
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
@@ -147,8 +153,11 @@ def _generate(argv):
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UserError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
     select_backend(args.backend, default="jax")  # auto's table measures training, not generation
-    from ultimate_trainer.checkpoint.store import load_model
-    from ultimate_trainer.training.generation import generate
+    with quiet_start(not args.verbose):
+        from ultimate_trainer.checkpoint.store import load_model
+        from ultimate_trainer.training.generation import generate
+
+        init_devices()
 
     model, tokenizer = load_model(args.checkpoint)
     for i in range(args.num_samples):
@@ -169,7 +178,7 @@ def _export(argv):
     import json
     from pathlib import Path
 
-    from ultimate_trainer.backend import BACKENDS, select_backend
+    from ultimate_trainer.backend import BACKENDS, init_devices, quiet_start, select_backend
 
     parser = _Parser(
         prog="ultimate-trainer export",
@@ -179,12 +188,16 @@ def _export(argv):
     parser.add_argument("--format", default="hf", choices=["hf"], help="hf: transformers (default: hf)")
     parser.add_argument("--output", required=True, metavar="OUT_DIR", help="a new or empty directory")
     parser.add_argument("--backend", choices=BACKENDS, help="keras backend that loads the checkpoint")
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own start-up logs")
     args = parser.parse_args(argv)
     from ultimate_trainer.export.hf import check_output_dir, export_hf
 
     check_output_dir(args.output)
     select_backend(args.backend, default="jax")  # auto's table measures training speed
-    from ultimate_trainer.checkpoint.store import load_model
+    with quiet_start(not args.verbose):
+        from ultimate_trainer.checkpoint.store import load_model
+
+        init_devices()
 
     model, tokenizer = load_model(args.checkpoint)
     files = export_hf(model, tokenizer, args.output)

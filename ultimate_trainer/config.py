@@ -206,6 +206,7 @@ class RunConfig:
     dry_run: bool = _opt(False, "Resolve everything, print the plan and exit without training.")
     json: bool = _opt(False, "With --dry-run or --eval-only: print the result as one JSON object.")
     eval_only: bool = _opt(False, "Evaluate the checkpoint of --init-from (or --resume-from) on the validation data and exit.")
+    verbose: bool = _opt(False, "Show the frameworks' own start-up logs (absl, oneDNN, CUDA probes), hidden by default.")
 
 
 # (attribute on Config, argparse group title)
