@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ultimate_trainer.errors import UserError
 
-INSTALL_HINT = "pip install 'transformers==5.23.0' safetensors"
+INSTALL_HINT = 'pip install "ultimate_trainer[hf]" (transformers and safetensors)'
 
 
 def check_output_dir(out_dir):
