@@ -455,8 +455,9 @@ def test_a_run_stops_before_step_one_on_a_missing_bucket_or_a_bad_sas_token(shar
         for token, message in (("not-a-token", "--azure-sas-token is not a SAS token"),
                                (good.replace("sig=", "sig=AAAA"), "cloud preflight: cannot write")):
             capsys.readouterr()
+            # --distribution none: the run sets keras' global distribution, here the default one.
             code = main([*FLAGS, "--max-steps", "2", "--output-dir", str(out), *shared.flags(),
-                         "--azure-sas-token", token])
+                         "--azure-sas-token", token, "--distribution", "none"])
             captured = capsys.readouterr()
             assert code == 2, captured.err[-2000:]
             lines = captured.err.strip().splitlines()
