@@ -58,6 +58,12 @@ def train(cfg):
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
     if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
+    upload_to = None
+    if cfg.cloud.cloud_provider and dist.is_chief and not cfg.run.dry_run and not cfg.run.eval_only:
+        from ultimate_trainer.checkpoint import cloud
+
+        # Before any compute (tokenizer, model, first step): bad credentials or a missing bucket stop the run here.
+        upload_to = cloud.upload_destination(cfg.cloud, out, say)
     dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
     batch_line = config_lib.resolve_batch(cfg.training, data_parallel=dist.data_parallel)
@@ -109,7 +115,7 @@ def train(cfg):
         say(f"--overwrite: moved the previous run to {moved}")
     for line in format_plan(plan):
         say(line)
-    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume)
+    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume, upload_to)
 
 
 def _peak_flops(cfg, devices, count):
@@ -188,21 +194,20 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     return 0
 
 
-def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None):
+def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None, upload_to=None):
     from ultimate_trainer.training import reporting
 
     o = cfg.output
     uploader = None
     if not dist.is_chief:  # only process 0 writes logs, checkpoints and uploads
         return _fit_with(reporting.NullSink(), None, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
-    if cfg.cloud.cloud_provider:
+    if upload_to is not None:
         from ultimate_trainer.checkpoint import cloud
 
-        bucket = cloud.bucket_for_upload(cfg.cloud)
-        prefix = cfg.cloud.cloud_prefix or out.resolve().name
-        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say,
-                                  secrets=[cfg.cloud.azure_sas_token or ""])
-        say(f"uploads: each checkpoint-<step> goes to {bucket.uri(prefix)} in the background")
+        bucket, prefix = upload_to
+        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say)
+        say(f"uploads: checkpoints, milestones, best_checkpoint and final_model go to {bucket.uri(prefix)} in the "
+            f"background")
     sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
     try:
         return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
@@ -356,6 +361,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             if chief:
                 path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
                 say(f"saved milestone {path}")
+                if uploader is not None:
+                    uploader.submit(path)
 
     best = {"val_loss": math.inf}
 
@@ -369,6 +376,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
                 if chief:
                     save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra,
                                     replace=True)
+                    if uploader is not None:
+                        uploader.submit(out / "best_checkpoint")
             say(f"best validation loss so far: saved {out / 'best_checkpoint'}")
         return record
 
@@ -436,6 +445,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         return 0
     final_model = link_copy(checkpoint, out / "final_model")
     say(f"final model: {final_model}")
+    if uploader is not None:
+        uploader.submit(final_model)
     (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
     say("samples:")
     for text in samples:
