@@ -409,8 +409,22 @@ def bf16_unsupported_reason():
             if details.get("compute_capability"):
                 capabilities.append((details.get("device_name", "GPU"), tuple(details["compute_capability"])))
     for device, capability in capabilities:
-        if tuple(capability) < (8, 0):
-            return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
+        reason = bf16_missing(device, capability)
+        if reason:
+            return reason
+    return None
+
+
+def bf16_missing(device, capability):
+    """Why an NVIDIA GPU of this compute capability has no bfloat16 (before
+    Ampere, 8.0), or None when it has it.
+
+    Example:
+        >>> bf16_missing("Tesla T4", (7, 5))
+        'Tesla T4 (compute capability 7.5) has no bfloat16'
+    """
+    if tuple(capability) < (8, 0):
+        return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
     return None
 
 

@@ -43,6 +43,13 @@ def table_peak(device_name, mixed_precision):
     return None
 
 
+# NVIDIA compute capability of the table's GPUs: bfloat16 needs 8.0 (backend.bf16_missing);
+# T4 and V100 have float16 tensor cores only, so training there computes in float32.
+COMPUTE_CAPABILITY = {
+    "h200": (9, 0), "h100 pcie": (9, 0), "h100": (9, 0), "a100": (8, 0), "l40s": (8, 9), "l4": (8, 9),
+    "a10": (8, 6), "t4": (7, 5), "v100": (7, 0), "rtx 4090": (8, 9),
+}
+
 def measure_cpu_peak(size=1024, seconds=0.3):
     """float32 matmul FLOP/s of this CPU through numpy's BLAS (all cores)."""
     import numpy as np

@@ -119,10 +119,14 @@ def _peak_flops(cfg, devices, count):
     if cfg.training.peak_flops:
         return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
     name = devices["device_names"][0]
-    per_device = mfu.table_peak(name, cfg.optimization.use_mixed_precision)
+    accel = backend_lib.accelerator(devices["devices"])
+    # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
+    mixed = distribution_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
+    per_device = mfu.table_peak(name, mixed)
     if per_device is not None:
-        return {"total": per_device * count, "per_device": per_device, "source": f"data sheet of {name}"}
-    if backend_lib.accelerator(devices["devices"]) is None:
+        return {"total": per_device * count, "per_device": per_device,
+                "source": f"data sheet of {name}, {'bfloat16' if mixed else 'float32'}"}
+    if accel is None:
         measured = mfu.measure_cpu_peak()
         return {"total": measured, "per_device": measured, "source": "measured float32 matmul on this CPU"}
     return {"total": None, "per_device": None, "source": f"unknown device {name!r}; pass --peak-flops for MFU"}
