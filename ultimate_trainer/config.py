@@ -139,7 +139,7 @@ class TrainingConfig:
     lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
     optimizer: str = _opt("adamw", "Optimizer. `muon`: Muon for the hidden weight matrices (experts included), AdamW for embeddings, LM head, router, norms and biases.", choices=["adamw", "adam", "sgd", "muon"])
     seed: int = _opt(42, "Random seed for weights, data order and dropout.")
-    peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU (default: the data sheet for known GPUs/TPUs, measured on CPU).", type=float)
+    peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU; replaces the data sheet (known GPUs/TPUs) and the CPU measurement, which is then skipped (default: the data sheet's peak in the run's precision; on CPU the backend's matmul in that precision, measured once per machine and cached in ~/.cache/ultimate_trainer; docs/cost.md).", type=float)
     min_lr_ratio: float = _opt(None, "End learning rate as a fraction of the peak (instead of --lr-end; default 0.1).", type=float)
 
 

@@ -125,12 +125,22 @@ def _peak_flops(cfg, devices, count):
     if cfg.training.peak_flops:
         return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
     name = devices["device_names"][0]
-    per_device = mfu.table_peak(name, cfg.optimization.use_mixed_precision)
+    accel = backend_lib.accelerator(devices["devices"])
+    # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
+    mixed = distribution_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
+    per_device = mfu.table_peak(name, mixed)
     if per_device is not None:
-        return {"total": per_device * count, "per_device": per_device, "source": f"data sheet of {name}"}
-    if backend_lib.accelerator(devices["devices"]) is None:
-        measured = mfu.measure_cpu_peak()
-        return {"total": measured, "per_device": measured, "source": "measured float32 matmul on this CPU"}
+        return {"total": per_device * count, "per_device": per_device,
+                "source": f"data sheet of {name}, {'bfloat16' if mixed else 'float32'}"}
+    if accel is None:
+        dtype = "bfloat16" if mixed else "float32"
+        try:
+            peak = mfu.cpu_peak(dtype, devices["backend"])
+        except (RuntimeError, OSError) as error:  # no peak is better than a wrong one
+            return {"total": None, "per_device": None,
+                    "source": f"the CPU peak could not be measured ({error}); pass --peak-flops for MFU"}
+        return {"total": peak["flops"], "per_device": peak["flops"], "source": peak["source"],
+                "cache_key": peak["cache_key"]}
     return {"total": None, "per_device": None, "source": f"unknown device {name!r}; pass --peak-flops for MFU"}
 
 
@@ -386,7 +396,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
 
     moe.read_stats(model)  # from zero: a resumed checkpoint holds a window's partial sums
     logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, sink, say,
-                              flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"],
+                              flops_per_token=plan["flops_per_token"], peak=plan["peak_flops"],
                               skip_nonfinite=t.skip_nonfinite,
                               moe_stats=(lambda: moe.read_stats(model)) if m.num_experts else None)
     callbacks = [
@@ -461,9 +471,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         "wall_seconds": wall,
         "train_seconds": logger.train_seconds,
         "tokens_per_sec": tokens_per_sec,
-        "mfu": plan["flops_per_token"] * tokens_per_sec / plan["peak_flops"]["total"]
-        if plan["peak_flops"]["total"]
-        else None,
+        "mfu": logger.peak.mfu(plan["flops_per_token"] * tokens_per_sec),
         "peak_flops": plan["peak_flops"],
         "initial_val_loss": initial["val_loss"],
         "final_val_loss": final["val_loss"],
