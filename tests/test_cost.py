@@ -162,6 +162,79 @@ def test_device_peaks_come_from_the_training_table():
     assert set(cost.device_names()) == {k.replace(" ", "-") for k in mfu.PEAKS}
 
 
+def test_recipes_price_llama_1_36b_in_bfloat16_near_6_n_d():
+    """6 N D over (A100 bfloat16 peak x MFU), with N counted by hand from the recipe's shape and D its
+    token budget (Chinchilla's 20 N when it sets none); the calculator adds attention and drops the
+    embedding lookup, which must stay within 10%."""
+    row = cost.recipe_table(["llama-1.36b"], "a100", 0.4)[0]
+    cfg = resolve_config({"run.recipe": "llama-1.36b"})
+    m, t = cfg.model, cfg.training
+    d, layers, f, vocab = m.d_model, m.num_layers, m.d_ff, config_lib.vocab_size_of(cfg.tokenizer)
+    kv = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)
+    assert m.use_swiglu and m.use_rmsnorm and m.use_rope and not m.num_experts
+    # A LLaMA block: 2 RMSNorm scales, q and o (d x d), k and v (d x kv), SwiGLU (3 x d x f); the final
+    # norm; the token table and, untied, the LM head.
+    n = layers * (2 * d + 2 * d * d + 2 * d * kv + 3 * d * f) + d + vocab * d * (1 if m.tie_embeddings else 2)
+    assert row["params"] == n
+    sequences = t.global_batch_size or t.batch_size * t.gradient_accumulation_steps
+    tokens = t.total_tokens or (t.max_steps * sequences * m.seq_len if t.max_steps else 20 * n)
+    expected_hours = 6 * n * tokens / (312e12 * 0.4) / 3600
+    assert row["precision"] == "bfloat16" and row["peak_flops_per_device"] == 312e12
+    assert row["device_hours"] == pytest.approx(expected_hours, rel=0.10)
+    assert row["device_hours"] == pytest.approx(row["total_flops"] / (312e12 * 0.4) / 3600)
+
+
+SMALL_ON_A_DEVICE = {k: v for k, v in SMALL.items() if k != "training.peak_flops"}
+
+
+@pytest.mark.parametrize("device, flags, precision, peak, why", [
+    ("a100", {}, "bfloat16", 312e12, "bfloat16, the training default on a100"),
+    ("a100", {"optimization.use_mixed_precision": False}, "float32", 19.5e12,
+     "float32 as given (--no-use-mixed-precision)"),
+    ("h100", {"optimization.use_mixed_precision": True}, "bfloat16", 989e12,
+     "bfloat16 as given (--use-mixed-precision)"),
+    ("tpu-v5p", {}, "bfloat16", 459e12, "the training default on tpu-v5p"),
+    ("v100", {}, "float32", 15.7e12, "float32: v100 (compute capability 7.0) has no bfloat16"),
+    ("t4", {"optimization.use_mixed_precision": True}, "float32", 8.1e12,
+     "has no bfloat16 (training falls back from --use-mixed-precision)"),
+])
+def test_cost_prices_the_precision_training_would_use(device, flags, precision, peak, why):
+    report = cost.estimate(resolve_config({**SMALL_ON_A_DEVICE, **flags}), device_type=device)
+    h = report["hardware"]
+    assert (h["precision"], h["peak_flops_per_device"]) == (precision, peak) and why in h["precision_source"]
+    assert h["peak_source"] == f"data sheet of {device}, {precision}"
+    assert report["time"]["seconds"] == pytest.approx(report["total_flops"] / (peak * cost.DEFAULT_MFU))
+    # Activations are kept in the compute dtype: half the float32 bytes per element in bfloat16.
+    float32 = cost.estimate(resolve_config({**SMALL_ON_A_DEVICE, "optimization.use_mixed_precision": False}),
+                            device_type="v100")
+    ratio = report["memory"]["per_device"]["activations"] / float32["memory"]["per_device"]["activations"]
+    assert (ratio < 0.75) == (precision == "bfloat16")
+
+
+@pytest.mark.parametrize("flags", [{}, {"optimization.use_mixed_precision": False},
+                                   {"optimization.use_mixed_precision": True}])
+def test_cost_and_training_decide_the_precision_alike(flags):
+    from ultimate_trainer import distribution
+
+    cfg = resolve_config({**SMALL_ON_A_DEVICE, **flags})
+    trained = resolve_config({**SMALL_ON_A_DEVICE, **flags})
+    distribution.device_defaults(trained, {"devices": {"gpu": 8, "cpu": 1}})  # a GPU with bfloat16
+    assert cost.training_precision(cfg, "a100")[0] == trained.optimization.use_mixed_precision
+    assert distribution.device_defaults(resolve_config({**SMALL_ON_A_DEVICE, **flags}), {"devices": {"cpu": 1}}) is None
+
+
+def test_a_peak_without_a_device_follows_the_flags():
+    report = cost.estimate(resolve_config(SMALL))
+    h = report["hardware"]
+    assert h["device_type"] is None and h["precision"] == "float32" and h["peak_flops_per_device"] == 1e12
+    assert "--peak-flops names no device; add --use-mixed-precision" in h["precision_source"]
+    mixed = cost.estimate(resolve_config({**SMALL, "optimization.use_mixed_precision": True}))["hardware"]
+    assert mixed["precision"] == "bfloat16" and mixed["precision_source"] == "as given (--use-mixed-precision)"
+    # With a device named too, the peak is the flag's and the precision the device's.
+    h = cost.estimate(resolve_config(SMALL), device_type="h100")["hardware"]
+    assert (h["device_type"], h["precision"], h["peak_flops_per_device"]) == ("h100", "bfloat16", 1e12)
+
+
 def test_cost_fields_are_config_fields():
     keys = {f"{attr}.{f.name}" for attr, _, f in config_lib.iter_fields()}
     assert cost.COST_FIELDS <= keys
@@ -177,7 +250,7 @@ def test_json_and_table_outputs(tmp_path):
     assert "--learning-rate does not change the cost; ignored here" in report["notes"]
     table = run_cli(["cost", "--model-preset", "nano", "--total-tokens", "1M", "--device-type", "h100"]).stdout
     for text in ("1,640,576", "FLOPs per token", "Chinchilla tokens", "32,811,520", "memory per device",
-                 "with remat", "1 x h100", "67.0 TFLOP/s"):
+                 "with remat", "1 x h100", "989.0 TFLOP/s", "bfloat16, the training default on h100"):
         assert text in table, text
 
 
@@ -194,8 +267,13 @@ def test_recipes_command(capsys):
     assert main(["recipes", "--device-type", "h100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "ttt-125m" in out and "h100-hours at 50% MFU" in out and "* the recipe sets no token budget" in out
+    assert "precision" in out and "bfloat16" in out and "float32" not in out
     assert main(["recipes", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == 9
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 9 and {r["precision"] for r in rows} == {"bfloat16"}
+    assert main(["recipes", "--device-type", "v100", "--json"]) == 0  # no bfloat16: every recipe in float32
+    assert {(r["precision"], r["peak_flops_per_device"]) for r in json.loads(capsys.readouterr().out)} == {
+        ("float32", 15.7e12)}
 
 
 def test_train_recipe_is_the_recipe_file_with_overrides():

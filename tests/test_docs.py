@@ -95,6 +95,12 @@ def test_guide_commands_run_as_written(guide, tmp_path):
         WANDB_DIR=str(tmp_path),
         HOME=str(tmp_path / "home"),
     )
+    from ultimate_trainer.training import mfu
+
+    peaks = mfu.peak_cache_path()
+    if peaks.exists() and "XDG_CACHE_HOME" not in os.environ:  # the CPU peak is measured once per machine
+        (tmp_path / "home" / ".cache" / "ultimate_trainer").mkdir(parents=True)
+        shutil.copy(peaks, tmp_path / "home" / ".cache" / "ultimate_trainer" / peaks.name)
     timings = []
     for line, code in runnable:
         start = time.perf_counter()

@@ -228,9 +228,73 @@ def compile_options(strategy=None):
 
     if keras.backend.backend() != "tensorflow" or strategy is not None:
         return {}
-    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+    if not _tensorflow_uses_xla(keras.mixed_precision.global_policy().compute_dtype):
         return {}  # Keras' default: XLA on GPU, not on CPU
     return {"jit_compile": True}
+
+
+def _tensorflow_uses_xla(compute_dtype):
+    return compute_dtype == "float32"
+
+
+def cpu_matmul(dtype, name=None):
+    """(library, threads, make_product) for measuring this CPU's matmul peak
+    the way training computes on backend `name` (default: keras' backend):
+    `make_product(n)` returns a function that multiplies two n x n `dtype`
+    matrices and waits for the product. jax: an XLA-compiled matmul; torch:
+    its eager matmul; tensorflow: XLA in float32 and a oneDNN graph in
+    bfloat16, as `compile_options` trains. `library` names the path and its
+    version (part of the peak's cache key); `threads` is how many threads
+    the library computes with. Imports keras only when `name` is not given.
+
+    Example:
+        library, threads, make_product = cpu_matmul("bfloat16", "jax")
+        make_product(1024)()  # one 1024 x 1024 x 1024 product, finished
+    """
+    import numpy as np
+
+    if name is None:
+        import keras
+
+        name = keras.backend.backend()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def operands(n):
+        return np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+
+    if name == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        cpu = jax.devices("cpu")[0]
+        matmul = jax.jit(jnp.matmul)
+
+        def make_product(n):
+            a, b = (jax.device_put(jnp.asarray(x, dtype), cpu) for x in operands(n))
+            return lambda: matmul(a, b).block_until_ready()
+
+        # XLA's CPU client runs one thread per schedulable CPU.
+        return f"jax {jax.__version__} (XLA)", usable, make_product
+    if name == "torch":
+        import torch
+
+        def make_product(n):
+            a, b = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in operands(n))
+            return lambda: torch.matmul(a, b)
+
+        return f"torch {torch.__version__}", torch.get_num_threads(), make_product
+    import tensorflow as tf
+
+    xla = _tensorflow_uses_xla(dtype)
+    matmul = tf.function(tf.linalg.matmul, jit_compile=xla)
+
+    def make_product(n):
+        with tf.device("/CPU:0"):
+            a, b = (tf.cast(tf.constant(x), dtype) for x in operands(n))
+        return lambda: matmul(a, b)  # eager CPU ops return finished
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or usable
+    return f"tensorflow {tf.__version__} ({'XLA' if xla else 'oneDNN graph'})", threads, make_product
 
 
 # glibc's mallopt parameters (malloc.h) and the values set: 32 MiB is the
@@ -459,8 +523,22 @@ def bf16_unsupported_reason():
             if details.get("compute_capability"):
                 capabilities.append((details.get("device_name", "GPU"), tuple(details["compute_capability"])))
     for device, capability in capabilities:
-        if tuple(capability) < (8, 0):
-            return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
+        reason = bf16_missing(device, capability)
+        if reason:
+            return reason
+    return None
+
+
+def bf16_missing(device, capability):
+    """Why an NVIDIA GPU of this compute capability has no bfloat16 (before
+    Ampere, 8.0), or None when it has it.
+
+    Example:
+        >>> bf16_missing("Tesla T4", (7, 5))
+        'Tesla T4 (compute capability 7.5) has no bfloat16'
+    """
+    if tuple(capability) < (8, 0):
+        return f"{device} (compute capability {capability[0]}.{capability[1]}) has no bfloat16"
     return None
 
 

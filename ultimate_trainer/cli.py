@@ -225,9 +225,11 @@ def _cost(argv):
         if action.dest == "run.json":
             action.help = "print the report as one JSON object"
     group = parser.add_argument_group("cost")
-    group.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
-                       help=f"device the run is planned on; its peak comes from the MFU table of training "
-                            f"(default: {cost_lib.DEFAULT_DEVICE})")
+    group.add_argument("--device-type", default=None, metavar="|".join(cost_lib.device_names()),
+                       help=f"device the run is planned on; its peak comes from the MFU table of training, in the "
+                            f"precision training uses there (bfloat16 on a GPU or TPU that has it unless "
+                            f"--no-use-mixed-precision) (default: {cost_lib.DEFAULT_DEVICE}; none with "
+                            f"--peak-flops)")
     group.add_argument("--devices", type=int, default=1, help="number of devices (default: 1)")
     group.add_argument("--mfu", type=float, default=None,
                        help=f"model FLOPs utilisation to plan with (default: {cost_lib.DEFAULT_MFU})")
@@ -266,7 +268,8 @@ def _recipes(argv):
     parser = _Parser(prog="ultimate-trainer recipes",
                      description="The shipped recipes (presets/*.yaml); train one with `train --recipe NAME`.")
     parser.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
-                        help=f"device to price the runs on (default: {cost_lib.DEFAULT_DEVICE})")
+                        help=f"device to price the runs on, in the precision training uses there "
+                             f"(default: {cost_lib.DEFAULT_DEVICE})")
     parser.add_argument("--mfu", type=float, default=cost_lib.DEFAULT_MFU,
                         help=f"model FLOPs utilisation to price at (default: {cost_lib.DEFAULT_MFU})")
     parser.add_argument("--json", action="store_true", help="print a JSON list")

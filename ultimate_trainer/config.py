@@ -139,7 +139,7 @@ class TrainingConfig:
     lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
     optimizer: str = _opt("adamw", "Optimizer. `muon`: Muon for the hidden weight matrices (experts included), AdamW for embeddings, LM head, router, norms and biases.", choices=["adamw", "adam", "sgd", "muon"])
     seed: int = _opt(42, "Random seed for weights, data order and dropout.")
-    peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU (default: the data sheet for known GPUs/TPUs, measured on CPU).", type=float)
+    peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU; replaces the data sheet (known GPUs/TPUs) and the CPU measurement, which is then skipped (default: the data sheet's peak in the run's precision; on CPU the backend's matmul in that precision, measured once per machine and cached in ~/.cache/ultimate_trainer; docs/cost.md).", type=float)
     min_lr_ratio: float = _opt(None, "End learning rate as a fraction of the peak (instead of --lr-end; default 0.1).", type=float)
 
 
@@ -188,12 +188,12 @@ class OutputConfig:
 
 @dataclasses.dataclass
 class CloudConfig:
-    cloud_provider: str = _opt(None, "Upload each checkpoint-<step> to this provider, in the background.", type=str, choices=["s3", "gcs", "azure"])
+    cloud_provider: str = _opt(None, "Upload checkpoints (checkpoint-<step>, milestones, best_checkpoint, final_model) to this provider, in the background, after a preflight write before training.", type=str, choices=["s3", "gcs", "azure"])
     cloud_bucket: str = _opt(None, "Bucket (S3/GCS) or container (Azure) to upload to.", type=str)
-    cloud_region: str = _opt(None, "Bucket region (S3; default: the SDK's configuration).", type=str)
+    cloud_region: str = _opt(None, "The bucket's region. S3: the client's region (default: the SDK's configuration), checked against the bucket's; GCS: checked against the bucket's location; not for Azure (its storage account has the region).", type=str)
     cloud_prefix: str = _opt(None, "Key prefix inside the bucket (default: the output dir's name).", type=str)
     cloud_endpoint_url: str = _opt(None, "Endpoint of an S3/GCS/Azure-compatible service or emulator (default: the provider's; the SDKs' own variables such as AWS_ENDPOINT_URL and STORAGE_EMULATOR_HOST also work).", type=str)
-    cloud_upload_wait: float = _opt(600.0, "Seconds to keep retrying failed uploads when training ends or is interrupted (checkpoints not uploaded stay local).")
+    cloud_upload_wait: float = _opt(600.0, "Seconds to keep retrying uploads that failed with a transient error when training ends or is interrupted (a permanent error ends the wait; checkpoints not uploaded stay local).")
     azure_sas_token: str = _opt(None, "Azure SAS token (better: AZURE_STORAGE_SAS_TOKEN in the environment); never logged.", type=str, secret=True)
     azure_account_name: str = _opt(None, "Azure storage account name (or AZURE_STORAGE_ACCOUNT).", type=str)
 
@@ -830,6 +830,22 @@ def _validate_cloud(c, resume_from, flags):
         for name in ("azure_sas_token", "azure_account_name"):
             if getattr(c, name):
                 raise UserError(f"{flags[name]} applies to --cloud-provider azure (or an az:// --resume-from) only")
+    if c.cloud_region and c.cloud_provider == "azure":
+        raise UserError(
+            f"{flags['cloud_region']} does not apply to --cloud-provider azure: an Azure storage account, not a "
+            f"container, has a region (chosen when the account is created); drop the flag"
+        )
+    if c.cloud_region and not c.cloud_provider and not str(resume_from or "").startswith("s3://"):
+        raise UserError(
+            f"{flags['cloud_region']} applies to uploads (--cloud-provider s3 or gcs) and to an s3:// --resume-from "
+            f"only; drop it or add --cloud-provider"
+        )
+    if c.azure_sas_token:
+        from ultimate_trainer.checkpoint.cloud import sas_token_problem
+
+        problem = sas_token_problem(c.azure_sas_token)
+        if problem:
+            raise UserError(f"{flags['azure_sas_token']} {problem}")
     if c.cloud_upload_wait < 0:
         raise UserError(f"{flags['cloud_upload_wait']} must be zero or positive, got {c.cloud_upload_wait}")
     if c.cloud_endpoint_url and not c.cloud_endpoint_url.startswith(("http://", "https://")):

@@ -83,6 +83,10 @@ def device_peak(device_type, mixed_precision):
         >>> device_peak("h100", True)
         989000000000000.0
     """
+    return mfu_lib.table_peak(_device_key(device_type), mixed_precision)
+
+
+def _device_key(device_type):
     key = device_type.lower().replace("-", " ").replace("_", " ")
     if key not in mfu_lib.PEAKS:
         near = difflib.get_close_matches(device_type.lower(), device_names(), n=1, cutoff=0.5)
@@ -91,7 +95,43 @@ def device_peak(device_type, mixed_precision):
             f"unknown --device-type {device_type!r}{hint}; choose one of {', '.join(device_names())}, "
             f"or give the peak of one device with --peak-flops"
         )
-    return mfu_lib.table_peak(key, mixed_precision)
+    return key
+
+
+def training_precision(cfg, device_type):
+    """(bfloat16?, why): the precision a training run of `cfg` computes in on
+    `device_type`, by training's own rule (`distribution.trains_in_bfloat16`):
+    an explicit --use-mixed-precision / --no-use-mixed-precision wins, else
+    bfloat16 on GPUs and TPUs; float32 on GPUs without bfloat16 (T4, V100)
+    either way. `device_type` None is a device known only by --peak-flops:
+    the flags decide (float32 unless --use-mixed-precision).
+
+    Example:
+        >>> cfg = config_lib.resolve_config({"model.model_preset": "nano"})
+        >>> training_precision(cfg, "a100")
+        (True, 'bfloat16, the training default on a100 (--no-use-mixed-precision for float32)')
+        >>> training_precision(cfg, "v100")[1]
+        'float32: v100 (compute capability 7.0) has no bfloat16'
+    """
+    from ultimate_trainer.backend import bf16_missing
+    from ultimate_trainer.distribution import trains_in_bfloat16
+
+    asked = "optimization.use_mixed_precision" in cfg.explicit
+    flag = "--use-mixed-precision" if cfg.optimization.use_mixed_precision else "--no-use-mixed-precision"
+    if device_type is None:
+        mixed = cfg.optimization.use_mixed_precision
+        return mixed, (f"as given ({flag})" if asked else
+                       "float32: --peak-flops names no device; add --use-mixed-precision to price bfloat16")
+    key = _device_key(device_type)
+    capability = mfu_lib.COMPUTE_CAPABILITY.get(key)
+    missing = bf16_missing(device_type, capability) if capability else None
+    mixed = trains_in_bfloat16(cfg, "tpu" if key.startswith("tpu") else "gpu", missing)
+    if missing:
+        return mixed, f"float32: {missing}" + (" (training falls back from --use-mixed-precision)"
+                                               if asked and cfg.optimization.use_mixed_precision else "")
+    if asked:
+        return mixed, f"{'bfloat16' if mixed else 'float32'} as given ({flag})"
+    return mixed, f"bfloat16, the training default on {device_type} (--no-use-mixed-precision for float32)"
 
 
 def parse_duration(text):
@@ -190,7 +230,7 @@ def _fused_attention(m):
     return m.flash_attention
 
 
-def memory_per_device(cfg, vocab_size, params, case):
+def memory_per_device(cfg, vocab_size, params, case, bfloat16=None):
     """Bytes per device for weights, gradients, accumulators, optimizer state and activations.
 
     Weights and gradients are float32 (mixed precision keeps float32
@@ -202,6 +242,8 @@ def memory_per_device(cfg, vocab_size, params, case):
     `model` (tensor parallelism) splits the head- and d_ff-wide activations
     and runs the whole micro-batch on every device. With `remat` a block
     keeps only its input and recomputes the rest in its backward pass.
+    Activations are in the compute dtype: `bfloat16` (default: the config's
+    --use-mixed-precision), else float32.
 
     Example:
         cfg = resolve_config({"model.model_preset": "nano"})
@@ -228,7 +270,7 @@ def memory_per_device(cfg, vocab_size, params, case):
     }
     if case.sharding == "fsdp" and case.devices > 1:
         out["weights"] += 4 * params["non_embedding"] / m.num_layers  # one block gathered at a time
-    act_bytes = 2 if cfg.optimization.use_mixed_precision else 4
+    act_bytes = 2 if (cfg.optimization.use_mixed_precision if bfloat16 is None else bfloat16) else 4
     blocks, head = _activation_elements(m, vocab_size)
     tp = case.devices if case.sharding == "model" else 1
     per_block = [whole + part / tp for whole, part in blocks]
@@ -273,13 +315,15 @@ def _budget(cfg, params, data_parallel):
     }
 
 
-def estimate(cfg, device_type=DEFAULT_DEVICE, devices=1, mfu=None, wall_seconds=None, sharding="data",
+def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, sharding="data",
              remat=False):
     """The whole cost report of a resolved `Config`, as plain data (what `cost --json` prints).
 
     Give `mfu` to get the time, or `wall_seconds` to get the MFU it implies
-    (default: `DEFAULT_MFU`). `devices` of `device_type` (or `--peak-flops`
-    each) run the step, laid out by `sharding`.
+    (default: `DEFAULT_MFU`). `devices` of `device_type` (default
+    `DEFAULT_DEVICE`, or a device known only by --peak-flops when that is
+    given) run the step, laid out by `sharding`, in the precision training
+    would use there (`training_precision`).
     """
     if devices < 1:
         raise UserError(f"--devices must be at least 1, got {devices}")
@@ -305,12 +349,15 @@ def estimate(cfg, device_type=DEFAULT_DEVICE, devices=1, mfu=None, wall_seconds=
     budget = _budget(cfg, params, data_parallel)
     total_flops = flops * budget["tokens"]
 
-    mixed = cfg.optimization.use_mixed_precision
+    if device_type is None and not t.peak_flops:
+        device_type = DEFAULT_DEVICE
+    mixed, precision_source = training_precision(cfg, device_type)
+    precision = "bfloat16" if mixed else "float32"
     if t.peak_flops:
         peak, peak_source = t.peak_flops, "--peak-flops"
     else:
         peak = device_peak(device_type, mixed)
-        peak_source = f"data sheet of {device_type}, {'bfloat16' if mixed else 'float32'}"
+        peak_source = f"data sheet of {device_type}, {precision}"
     if wall_seconds is not None:
         seconds = wall_seconds
         used_mfu = total_flops / (seconds * devices * peak)
@@ -343,10 +390,10 @@ def estimate(cfg, device_type=DEFAULT_DEVICE, devices=1, mfu=None, wall_seconds=
                 variants.append((f"{kind} sharding", other))
     memory = {
         "sharding": sharding, "devices": devices, "remat": remat,
-        "per_device": memory_per_device(cfg, vocab, params, case),
+        "per_device": memory_per_device(cfg, vocab, params, case, mixed),
         "variants": [
             {"label": label, "micro_batch": c.micro_batch, "accumulation_steps": c.accumulation, "sharding": c.sharding,
-             "remat": c.remat, **memory_per_device(cfg, vocab, params, c)}
+             "remat": c.remat, **memory_per_device(cfg, vocab, params, c, mixed)}
             for label, c in variants
         ],
     }
@@ -364,16 +411,14 @@ def estimate(cfg, device_type=DEFAULT_DEVICE, devices=1, mfu=None, wall_seconds=
                      f"Chinchilla fit was made on; its loss is an extrapolation")
     if budget["batch_rule"]:
         notes.append(budget["batch_rule"])
-    if not mixed and not t.peak_flops:
-        notes.append("float32 peak; add --use-mixed-precision for the bfloat16 peak (and half the activations)")
     return {
         "model": architecture,
         "parameters": params,
         "flops_per_token": {"total": flops, **split},
         "budget": {k: v for k, v in budget.items() if k != "batch_rule"},
         "total_flops": total_flops,
-        "hardware": {"device_type": None if t.peak_flops else device_type, "devices": devices,
-                     "peak_flops_per_device": peak, "peak_source": peak_source},
+        "hardware": {"device_type": device_type, "devices": devices, "precision": precision,
+                     "precision_source": precision_source, "peak_flops_per_device": peak, "peak_source": peak_source},
         "time": {"mfu": used_mfu, "mfu_source": mfu_source, "seconds": seconds, "hours": seconds / 3600,
                  "device_hours": seconds * devices / 3600},
         "memory": memory,
@@ -449,6 +494,7 @@ def render(report, console=None):
     device = h["device_type"] or "devices"
     summary.add_row("hardware", f"{h['devices']} x {device}",
                     f"{h['peak_flops_per_device'] / 1e12:,.1f} TFLOP/s peak each ({h['peak_source']})")
+    summary.add_row("precision", h["precision"], h["precision_source"])
     summary.add_row("MFU", f"{100 * t['mfu']:.1f}%", t["mfu_source"])
     summary.add_row("time", _duration(t["seconds"]), f"{t['device_hours']:,.3g} device-hours")
     c = report["chinchilla"]
@@ -475,7 +521,8 @@ def render(report, console=None):
 
 
 def recipe_table(names, device_type=DEFAULT_DEVICE, mfu=DEFAULT_MFU):
-    """One row per shipped recipe: size, token budget, FLOPs and device-hours at `mfu`.
+    """One row per shipped recipe: size, token budget, FLOPs, the precision
+    training would use on `device_type` and device-hours at `mfu` there.
 
     Example:
         recipe_table(["ttt-125m"])[0]["params"]  # the exact count of the recipe's model
@@ -496,6 +543,9 @@ def recipe_table(names, device_type=DEFAULT_DEVICE, mfu=DEFAULT_MFU):
             "tokens_source": b["source"],
             "total_flops": report["total_flops"],
             "device_type": device_type,
+            "precision": report["hardware"]["precision"],
+            "precision_source": report["hardware"]["precision_source"],
+            "peak_flops_per_device": report["hardware"]["peak_flops_per_device"],
             "mfu": mfu,
             "device_hours": report["time"]["device_hours"],
             "chinchilla_loss": report["chinchilla"]["predicted_loss"],
@@ -508,20 +558,22 @@ def render_recipes(rows, device_type, mfu, console=None):
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=120)
+    console = console or Console(width=132)
     table = Table(title=f"shipped recipes (train one with `ultimate-trainer train --recipe NAME`)",
                   title_justify="left")
-    for column in ("recipe", "parameters", "tokens", "FLOPs", f"{device_type}-hours at {100 * mfu:g}% MFU",
-                   "Chinchilla loss"):
+    for column in ("recipe", "parameters", "tokens", "FLOPs", "precision",
+                   f"{device_type}-hours at {100 * mfu:g}% MFU", "Chinchilla loss"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     chinchilla_budget = False
     for r in rows:
         params = f"{r['params']:,}" + (f" ({r['active_params']:,} active)" if r["active_params"] != r["params"] else "")
         star = "*" if r["tokens_source"].startswith("Chinchilla") else ""
         chinchilla_budget = chinchilla_budget or bool(star)
-        table.add_row(r["name"], params, f"{_count(r['tokens'])}{star}", f"{r['total_flops']:.2e}",
+        table.add_row(r["name"], params, f"{_count(r['tokens'])}{star}", f"{r['total_flops']:.2e}", r["precision"],
                       f"{r['device_hours']:,.1f}", f"{r['chinchilla_loss']:.2f}")
     console.print(table)
     if chinchilla_budget:
         console.print("* the recipe sets no token budget; priced at 20 tokens per parameter (Chinchilla)",
                       highlight=False)
+    console.print(f"precision: what training computes in on {device_type}, priced at its peak (bfloat16 where the "
+                  f"device has it, unless the recipe sets it)", highlight=False)

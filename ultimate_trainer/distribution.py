@@ -540,9 +540,31 @@ def device_defaults(cfg, devices):
         return f"device defaults ({accel}): bfloat16 {chosen} as given; flash attention " + (
             "off (--no-flash-attention)" if not cfg.model.flash_attention else "on where the kernel exists")
     reason = bf16_unsupported_reason()
-    if reason:
+    if not trains_in_bfloat16(cfg, accel, reason):
         return f"device defaults ({accel}): float32, since {reason}"
     cfg.optimization.use_mixed_precision = True
     return (f"device defaults ({accel}): bfloat16 compute with float32 weights (--no-use-mixed-precision for "
             f"float32); flash attention " + ("off (--no-flash-attention)" if not cfg.model.flash_attention
                                              else "on where the kernel exists"))
+
+
+def trains_in_bfloat16(cfg, accel, bf16_missing):
+    """Whether a run of `cfg` computes in bfloat16 on a device of kind `accel`
+    ('gpu', 'tpu', or None for a CPU) whose bfloat16 support `bf16_missing`
+    describes (None: it has it; else why not). The rule training applies:
+    an explicit --use-mixed-precision / --no-use-mixed-precision (flag or
+    YAML) wins, else bfloat16 on an accelerator (`device_defaults`), float32
+    on a CPU; where the device has no bfloat16 the trainer computes in
+    float32 either way. `cost` prices a run with it.
+
+    Example:
+        >>> from ultimate_trainer.config import resolve_config
+        >>> cfg = resolve_config({"model.model_preset": "nano"})
+        >>> trains_in_bfloat16(cfg, "gpu", None), trains_in_bfloat16(cfg, None, None)
+        (True, False)
+    """
+    if bf16_missing:
+        return False
+    if "optimization.use_mixed_precision" in cfg.explicit:
+        return cfg.optimization.use_mixed_precision
+    return accel is not None

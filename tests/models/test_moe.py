@@ -1,6 +1,8 @@
 """The MoE layer against a numpy reference written here: routing and combine
-weights, capacity and drops, the auxiliary losses by hand; the dense FFN as
-its one-expert case; the parameter formula; a `fit` step with Muon."""
+weights, capacity and drops, the auxiliary losses by hand; causality (later
+tokens never change earlier outputs); cached decoding against the full
+forward; the dense FFN as its one-expert case; the parameter formula; a `fit`
+step with Muon."""
 
 import math
 
@@ -35,8 +37,8 @@ def _layer(d=12, f=16, experts=4, top_k=2, capacity_factor=1.25, use_swiglu=True
 
 
 def numpy_moe(x, w_router, w_up, w_down, top_k, capacity_factor, use_swiglu=True, activation="gelu"):
-    """Token by token: softmax router, top-k, renormalised weights; per row, first
-    choices claim expert slots before second choices, in token order, up to
+    """Token by token: softmax router, top-k, renormalised weights; per row, each
+    token in turn claims a slot with each of its choices, up to
     `ceil(c * k * seq / E)` per expert; an assignment over capacity adds nothing.
     Returns (output, weights [b, s, E] actually applied, dropped assignments)."""
     b, s, _ = x.shape
@@ -51,8 +53,8 @@ def numpy_moe(x, w_router, w_up, w_down, top_k, capacity_factor, use_swiglu=True
         weights = np.take_along_axis(probs[row], choices, -1)
         weights = weights / weights.sum(-1, keepdims=True)
         used = np.zeros(experts, int)
-        for rank in range(top_k):
-            for t in range(s):
+        for t in range(s):
+            for rank in range(top_k):
                 e = choices[t, rank]
                 if used[e] >= cap:
                     dropped += 1
@@ -83,6 +85,27 @@ def test_output_routing_and_drops_match_numpy(capacity_factor, use_swiglu):
         assert dropped == 0 and (np.count_nonzero(applied, -1) == 2).all(), "dropless: every token, both choices"
     elif capacity_factor == 1.0:
         assert dropped > 0, "the test should exercise capacity"
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [1.0, 1.25, None])
+def test_later_tokens_never_change_earlier_outputs(top_k, capacity_factor):
+    # 48 rows are 48 random trials (each row is its own routing group): every row's tokens from
+    # a random cut on are redrawn, and every output before the cut must stay bit-equal.
+    rows, seq = 48, 12
+    rng = np.random.default_rng(7)
+    layer = _layer(experts=4, top_k=top_k, capacity_factor=capacity_factor, router_scale=2.0)
+    x = _rand(rows, seq, 12, seed=11)
+    cuts = rng.integers(1, seq, rows)
+    later = np.arange(seq)[None, :] >= cuts[:, None]
+    changed = np.where(later[..., None], _rand(rows, seq, 12, seed=12), x)
+    before, after = _np(layer(x, training=True)), _np(layer(changed, training=True))
+    for row, cut in enumerate(cuts):
+        np.testing.assert_array_equal(after[row, :cut], before[row, :cut], err_msg=f"row {row}, tokens before {cut}")
+    assert not np.array_equal(after, before), "the perturbation reaches the later outputs"
+    if capacity_factor:
+        assert float(layer.stat_dropped.value) > 0, "the test should exercise capacity"
 
 
 @pytest.mark.backends
@@ -123,8 +146,8 @@ def test_aux_and_z_losses_by_hand():
 
 @pytest.mark.backends
 def test_capacity_counts_every_drop():
-    # Every token prefers expert 0: with capacity 2 of 6 tokens, 4 first choices are dropped,
-    # and the second choices (expert 1) fill its 2 slots and drop 4 more.
+    # Every token picks experts 0 and 1: with capacity 4, the first four tokens take both
+    # experts' slots and the last two lose both choices.
     x = np.ones((1, 6, 4), "float32")
     layer = _layer(d=4, f=8, experts=3, top_k=2, capacity_factor=1.0)
     layer.router.kernel.assign(np.array([[3.0, 1.0, 0.0]] * 4, "float32"))
@@ -132,6 +155,48 @@ def test_capacity_counts_every_drop():
     out = _np(layer(x, training=True))
     assert float(layer.stat_dropped.value) == (6 - 4) * 2
     assert np.abs(out[0, :4]).sum() > 0 and np.abs(out[0, 4:]).max() == 0, "the last two tokens lost both choices"
+
+
+def _forget_counts(state):
+    """A decoding state whose expert counts start again from zero."""
+    if isinstance(state, list):
+        return [_forget_counts(block) for block in state]
+    return dict(state, expert_counts=keras.ops.zeros_like(state["expert_counts"]))
+
+
+# The KV-cache path on every backend; the TTT decoding path, eager and slower, on jax.
+@pytest.mark.parametrize("ttt", [pytest.param(None, marks=pytest.mark.backends),
+                                 {"kind": "linear", "mini_batch_size": 4}])
+def test_cached_decoding_drops_what_the_full_forward_drops(ttt):
+    # A row of seq_len tokens decoded in pieces: the cache's expert counts make each piece meet
+    # the capacity the tokens before it left. Without `ttt`, the generation path (KV cache,
+    # compiled): a prompt, a 3-token piece, then single tokens; with it, block 1 is a TTT block
+    # and the model decodes from per-block states (`CausalLM.decode`), one token at a time.
+    from ultimate_trainer.backend import compile_model_fn
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(vocab_size=50, seq_len=16, d_model=32, num_layers=2, num_heads=4, d_ff=48,
+                     moe=dict(num_experts=4, top_k=2, capacity_factor=1.0),
+                     **({"ttt": ttt, "ttt_layers": [1]} if ttt else {}))
+    model.build((None, 16))
+    for block in model.blocks:  # a confident router, so capacity bites
+        block.mlp.router.kernel.assign(_np(block.mlp.router.kernel) * 100)
+    tokens = np.random.default_rng(1).integers(0, 50, (1, 16)).astype("int32")
+    full = _np(model(tokens))
+
+    if ttt:
+        step, state, cuts = model.decode, model.initial_decode_state(1), range(17)
+    else:
+        step, state, cuts = compile_model_fn(model, model.call_with_cache), model.empty_cache(1), [0, 6, *range(9, 17)]
+    decoded, forgetful = [], []
+    for start, end in zip(cuts, cuts[1:]):
+        piece, position = tokens[:, start:end], np.int32(start)
+        forgetful.append(_np(step(piece, _forget_counts(state), position)[0]))
+        logits, state = step(piece, state, position)
+        decoded.append(_np(logits))
+    np.testing.assert_allclose(np.concatenate(decoded, 1), full, atol=2e-5)
+    # The check can fail: without the counts, each piece would be routed as a row of its own.
+    assert np.abs(np.concatenate(forgetful, 1) - full).max() > 1e-3
 
 
 def test_capacity_formula():

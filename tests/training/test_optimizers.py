@@ -134,3 +134,46 @@ def test_logged_loss_is_the_hand_computed_cross_entropy(tmp_path):
     record = logger.history[0]
     assert record["loss"] == pytest.approx(expected, rel=1e-5)
     assert record["grad_norm"] > 0 and "grad-norm" in lines[0]
+
+
+def _newton_schulz(g, steps=5, a=3.4445, b=-4.7750, c=2.0315):
+    """Muon's quintic Newton-Schulz iteration on one matrix (Keller Jordan's; Keras' defaults):
+    scale to unit Frobenius norm, iterate on the wide orientation."""
+    tall = g.shape[0] > g.shape[1]
+    x = g.T if tall else g
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+def test_muon_orthogonalises_each_expert_of_a_stacked_kernel_like_numpy():
+    from ultimate_trainer.models.moe import MoEFeedForward
+
+    lr, wd, momentum = 0.02, 0.1, 0.95
+    layer = MoEFeedForward(hidden_dim=6, num_experts=3, top_k=1, name="moe")
+    layer.build((None, None, 4))  # experts_gate_up [3, 4, 12] (wide), experts_down [3, 6, 4] (tall)
+    optimizer = build_optimizer(TrainingConfig(optimizer="muon", learning_rate=lr, weight_decay=wd, grad_clip=0),
+                                lr, layer)
+    variables = layer.trainable_variables
+    kernels = [i for i, v in enumerate(variables) if v.path.split("/")[-1].startswith("experts_")]
+    assert len(kernels) == 2
+    weights = {i: keras.ops.convert_to_numpy(variables[i].value).astype("float64") for i in kernels}
+    velocity = {i: np.zeros_like(w) for i, w in weights.items()}
+    # Experts' gradients 100x apart: a norm over the whole stack would shrink the small ones' update.
+    scales = np.array([1.0, 100.0, 0.01])[:, None, None]
+    for step in range(2):
+        grads = [(RNG.normal(size=v.shape) * (scales if i in kernels else 1.0)).astype("float32")
+                 for i, v in enumerate(variables)]
+        optimizer.apply(grads, variables)
+        for i in kernels:  # decoupled decay, then momentum with Nesterov, per expert
+            velocity[i] = momentum * velocity[i] + grads[i]
+            nesterov = grads[i] + momentum * velocity[i]
+            update = np.stack([_newton_schulz(m.astype("float64")) for m in nesterov])
+            rms_scale = 0.2 * np.sqrt(max(weights[i].shape[1:]))  # Moonlight: rms_rate * sqrt(max(in, out))
+            expected = weights[i] * (1 - lr * wd) - lr * rms_scale * update
+            got = keras.ops.convert_to_numpy(variables[i].value).astype("float64")
+            np.testing.assert_allclose(got - weights[i], expected - weights[i], rtol=1e-4, atol=1e-7,
+                                       err_msg=f"{variables[i].path}, step {step + 1}")
+            weights[i] = got

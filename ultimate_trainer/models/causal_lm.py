@@ -218,7 +218,7 @@ class CausalLM(keras.Model):
     def initial_decode_state(self, batch_size):
         """Per block: a TTT layer's decoding state, or an attention block's KV cache."""
         cache = self.empty_cache(batch_size)
-        return [block.initial_decode_state(batch_size) if block.ttt is not None else cache[:, i]
+        return [block.initial_decode_state(batch_size) if block.ttt is not None else _layer_cache(cache, i)
                 for i, block in enumerate(self.blocks)]
 
     def decode(self, token_ids, states, position):
@@ -237,7 +237,7 @@ class CausalLM(keras.Model):
         new_states = []
         for block, state in zip(self.blocks, states):
             if block.ttt is not None:
-                x, state = block.decode(x, state)
+                x, state = block.decode(x, state, self.seq_len)
             else:
                 x, state = block(x, cache=state, cache_index=position)
             new_states.append(state)
@@ -245,10 +245,16 @@ class CausalLM(keras.Model):
         return ops.cast(logits, "float32"), new_states
 
     def empty_cache(self, batch_size, max_length=None, dtype="float32"):
-        """A zeroed KV cache: `[batch, layers, 2, max_length, kv_heads, head_dim]`."""
+        """A zeroed decoding cache: `kv`, the keys and values `[batch, layers, 2,
+        max_length, kv_heads, head_dim]`, and for an MoE model `expert_counts`
+        `[batch, layers, experts]` (int32), each expert's assignments so far, so
+        a token decoded alone meets the capacity of a `max_length` row."""
         kv_heads = self.num_kv_heads or self.num_heads
         shape = (batch_size, self.num_layers, 2, max_length or self.seq_len, kv_heads, self.d_model // self.num_heads)
-        return ops.zeros(shape, dtype)
+        cache = {"kv": ops.zeros(shape, dtype)}
+        if self.moe:
+            cache["expert_counts"] = ops.zeros((batch_size, self.num_layers, self.moe["num_experts"]), "int32")
+        return cache
 
     def call_with_cache(self, token_ids, cache, cache_index):
         """Logits of `token_ids` placed at `cache_index` onwards, and the updated cache.
@@ -263,10 +269,10 @@ class CausalLM(keras.Model):
             x = x + self.position_embedding(x, start_index=cache_index)
         layer_caches = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cache=cache[:, i], cache_index=cache_index)
+            x, layer_cache = block(x, cache=_layer_cache(cache, i), cache_index=cache_index)
             layer_caches.append(layer_cache)
         logits = self.token_embedding(self.final_norm(x), reverse=True)
-        return ops.cast(logits, "float32"), ops.stack(layer_caches, axis=1)
+        return ops.cast(logits, "float32"), {name: ops.stack([c[name] for c in layer_caches], axis=1) for name in cache}
 
     def get_config(self):
         config = super().get_config()
@@ -380,6 +386,11 @@ class CausalLM(keras.Model):
         from ultimate_trainer.models.moe import statistics_count
 
         return super().count_params() - statistics_count(self) - self.carried_state_size
+
+
+def _layer_cache(cache, layer):
+    """Block `layer`'s part of an `empty_cache` dict."""
+    return {name: value[:, layer] for name, value in cache.items()}
 
 
 def model_kwargs(model_cfg, vocab_size):

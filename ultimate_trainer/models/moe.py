@@ -13,14 +13,23 @@ two batched einsums run every expert on its slots, and a gather brings each
 assignment's output back, scaled by its weight.
 
 Capacity. Every sequence (row) is its own routing group, so a sequence's
-output never depends on the other rows of the batch, and a token's fate
-depends only on the tokens before it (causal). With `capacity_factor` c,
-each expert takes at most `ceil(c * top_k * seq / num_experts)` assignments
-per row; all first choices claim slots before any second choice (GShard).
-An assignment over capacity is dropped: it adds nothing, the residual
-carries the token on, and the drop is counted. `capacity_factor=None` is
-dropless: capacity is the whole row, so nothing can be dropped, at
-`num_experts / top_k` times the expert compute of an even split.
+output never depends on the other rows of the batch. With `capacity_factor`
+c, each expert takes at most `ceil(c * top_k * seq / num_experts)`
+assignments per row. Slots are claimed in token order: all of token t's
+choices before any of token t+1's, so whether a token reaches its experts
+depends only on itself and the tokens before it (causal: what training sees
+at token t is what decoding sees there). GShard's order, every first choice
+before any second choice, is not causal: a later token's first choice can
+take the slot an earlier token's second choice needed. An assignment over
+capacity is dropped: it adds nothing, the residual carries the token on, and
+the drop is counted. `capacity_factor=None` is dropless: capacity is the
+whole row, so nothing can be dropped, at `num_experts / top_k` times the
+expert compute of an even split.
+
+Decoding with a KV cache feeds a row a few tokens at a time; the cache
+carries each expert's count of assignments so far (`counts`), and the
+capacity is the one of the whole cached row (`row_length`), so a token
+decoded alone is dropped exactly when the full forward of that row drops it.
 
 Auxiliary losses, added to the training loss (training calls only):
 - load balancing (Switch, eq. 4, for top-k): `E * sum_e f_e * P_e`, with
@@ -148,23 +157,32 @@ class MoEFeedForward(keras.layers.Layer):
         top_p, top_i = ops.top_k(probs, self.top_k)
         return logits, top_i, top_p / ops.sum(top_p, axis=-1, keepdims=True)
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, counts=None, row_length=None):
+        """`x` [batch, seq, d] is a whole row. With `counts` ([batch, E] int32: per row,
+        the assignments each expert has had from the tokens before `x`), `x` continues
+        a row of `row_length` tokens, whose capacity applies, and `(output, counts after
+        x)` is returned: the KV-cache decoding path."""
         shape = ops.shape(x)
         b, s, d = shape[0], shape[1], x.shape[-1]
         e, k = self.num_experts, self.top_k
-        c = capacity(s, e, k, self.capacity_factor)
+        c = capacity(s if counts is None else row_length, e, k, self.capacity_factor)
         logits, top_i, weights = self.route(x)
 
-        # Assignments in k-major order, so every first choice claims a slot before any second choice.
-        expert = ops.reshape(ops.transpose(top_i, (0, 2, 1)), (b, k * s))
-        onehot = ops.one_hot(expert, e, dtype="int32")  # [b, ks, E]
-        position = ops.sum(ops.cumsum(onehot, axis=1) * onehot, axis=-1) - 1
+        # Assignments in token-major order, so all of a token's choices claim slots before the next
+        # token's (causal); a slot's position counts the earlier assignments to its expert, dropped or not.
+        expert = ops.reshape(top_i, (b, s * k))
+        onehot = ops.one_hot(expert, e, dtype="int32")  # [b, sk, E]
+        claimed = ops.cumsum(onehot, axis=1)
+        if counts is not None:
+            counts = ops.cast(counts, "int32")
+            claimed = claimed + ops.expand_dims(counts, 1)
+        position = ops.sum(claimed * onehot, axis=-1) - 1
         kept = position < c
         row_slots = e * c + 1  # the last slot of each row collects the dropped assignments
         slot = ops.where(kept, expert * c + position, e * c)
         rows = ops.expand_dims(ops.arange(b, dtype="int32"), 1)
         flat_slot = ops.reshape(slot + rows * row_slots, (-1,))
-        token = ops.tile(ops.arange(s, dtype="int32"), (k,))  # the token of each assignment
+        token = ops.repeat(ops.arange(s, dtype="int32"), k)  # the token of each assignment
         flat_token = ops.reshape(ops.expand_dims(token, 0) + rows * s, (-1,))
 
         x_flat = ops.reshape(x, (-1, d))
@@ -181,13 +199,15 @@ class MoEFeedForward(keras.layers.Layer):
             [ops.reshape(expert_out, (b, e * c, d)), ops.zeros((b, 1, d), dtype=expert_out.dtype)], axis=1
         )
         combined = ops.take(ops.reshape(expert_out, (-1, d)), flat_slot, axis=0)  # dropped: the zero slot
-        weight = ops.reshape(ops.transpose(weights, (0, 2, 1)), (-1, 1))
-        out = ops.reshape(combined * ops.cast(weight, combined.dtype), (b, k, s, d))
-        out = ops.sum(out, axis=1)
+        weight = ops.reshape(weights, (-1, 1))
+        out = ops.reshape(combined * ops.cast(weight, combined.dtype), (b, s, k, d))
+        out = ops.sum(out, axis=2)
 
         if training:
             self._add_losses_and_stats(logits, onehot, kept)
-        return out
+        if counts is None:
+            return out
+        return out, counts + ops.sum(onehot, axis=1)
 
     def _add_losses_and_stats(self, logits, onehot, kept):
         e = self.num_experts

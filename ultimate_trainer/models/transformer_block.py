@@ -156,23 +156,39 @@ class TransformerBlock(keras.layers.Layer):
             return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
         if self.ttt is not None:
             raise NotImplementedError("the KV cache is for attention blocks; TTT blocks decode with `decode`")
-        attended, cache = self.attention(self.attention_norm(x), cache=cache, cache_index=cache_index)
+        # `cache`: this block's slice of `CausalLM.empty_cache`, {"kv": [b, 2, max_length, ...]} and,
+        # with an MoE model, "expert_counts" [b, E]; the row is the cache's max_length long.
+        attended, kv = self.attention(self.attention_norm(x), cache=cache["kv"], cache_index=cache_index)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), cache
+        mlp_out, cache = self._decoding_mlp(self.mlp_norm(x), dict(cache, kv=kv), keras.ops.shape(kv)[2])
+        return x + mlp_out, cache
+
+    def _decoding_mlp(self, x, state, row_length):
+        """The MLP of a decoding step; an MoE one continues its row's expert counts."""
+        if not isinstance(self.mlp, MoEFeedForward):
+            return self.mlp(x), state
+        out, counts = self.mlp(x, counts=state["expert_counts"], row_length=row_length)
+        return out, dict(state, expert_counts=counts)
 
     def initial_decode_state(self, batch):
-        """A TTT block's decoding state: the TTT layer's and the pre-conv's history."""
-        return {"ttt": self.ttt.initial_state(batch), "pre_conv": None}
+        """A TTT block's decoding state: the TTT layer's and the pre-conv's history, and
+        an MoE block's expert counts."""
+        state = {"ttt": self.ttt.initial_state(batch), "pre_conv": None}
+        if isinstance(self.mlp, MoEFeedForward):
+            state["expert_counts"] = keras.ops.zeros((batch, self.mlp.num_experts), "int32")
+        return state
 
-    def decode(self, x, state):
-        """Tokens x after `state` (`initial_decode_state`) through a TTT block; returns (x, state)."""
+    def decode(self, x, state, row_length):
+        """Tokens x after `state` (`initial_decode_state`) through a TTT block of a row
+        `row_length` tokens long (an MoE block's capacity); returns (x, state)."""
         history = state["pre_conv"]
         if self.pre_conv is not None:
             conv, history = self.pre_conv(x, history, return_history=True)
             x = x + conv
         mixed, ttt_state = self.ttt.decode(self.attention_norm(x), state["ttt"])
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), {"ttt": ttt_state, "pre_conv": history}
+        mlp_out, state = self._decoding_mlp(self.mlp_norm(x), state, row_length)
+        return x + mlp_out, dict(state, ttt=ttt_state, pre_conv=history)
 
     def get_config(self):
         config = super().get_config()

@@ -16,6 +16,7 @@ import time
 import keras
 
 from ultimate_trainer import backend as backend_lib
+from ultimate_trainer.training import mfu
 
 
 class StepClock:
@@ -116,16 +117,20 @@ class MetricsLogger(keras.callbacks.Callback):
     `loss` is the language-model cross-entropy alone (comparable with
     `val_loss`): the auxiliary losses Keras added to the training loss are
     taken out again and logged on their own.
+
+    `peak` is the plan's `peak_flops` dict ({"total", "per_device",
+    "source"}); MFU is against its total, never above 100% (`mfu.PeakGuard`
+    raises a peak that training outran, in place, and says so once).
     """
 
     def __init__(self, clock, log_every, tokens_per_step, schedule, sink, printer=print,
-                 flops_per_token=None, peak_flops=None, skip_nonfinite=0, moe_stats=None):
+                 flops_per_token=None, peak=None, skip_nonfinite=0, moe_stats=None):
         super().__init__()
         self.moe_stats = moe_stats
         self.skip_nonfinite = skip_nonfinite
         self._nonfinite_seen = 0
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
+        self.peak = mfu.PeakGuard(peak or {}, printer)
         self.clock = clock
         self.log_every = log_every
         self.tokens_per_step = tokens_per_step
@@ -185,7 +190,7 @@ class MetricsLogger(keras.callbacks.Callback):
             "skipped_updates": nonfinite,
             "tokens": step * self.tokens_per_step,
             "tokens_per_sec": tokens_per_sec,
-            "mfu": self.flops_per_token * tokens_per_sec / self.peak_flops if self.peak_flops else None,
+            "mfu": self.peak.mfu(self.flops_per_token * tokens_per_sec) if self.flops_per_token else None,
             "elapsed_sec": time.perf_counter() - self._run_start,
         }
         moe = self.moe_stats() if self.moe_stats else None

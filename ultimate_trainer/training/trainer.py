@@ -58,6 +58,12 @@ def train(cfg):
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
     if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
+    upload_to = None
+    if cfg.cloud.cloud_provider and dist.is_chief and not cfg.run.dry_run and not cfg.run.eval_only:
+        from ultimate_trainer.checkpoint import cloud
+
+        # Before any compute (tokenizer, model, first step): bad credentials or a missing bucket stop the run here.
+        upload_to = cloud.upload_destination(cfg.cloud, out, say)
     dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
     batch_line = config_lib.resolve_batch(cfg.training, data_parallel=dist.data_parallel)
@@ -116,7 +122,7 @@ def train(cfg):
         say(f"--overwrite: moved the previous run to {moved}")
     for line in format_plan(plan):
         say(line)
-    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume)
+    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume, upload_to)
 
 
 def _peak_flops(cfg, devices, count):
@@ -126,12 +132,22 @@ def _peak_flops(cfg, devices, count):
     if cfg.training.peak_flops:
         return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
     name = devices["device_names"][0]
-    per_device = mfu.table_peak(name, cfg.optimization.use_mixed_precision)
+    accel = backend_lib.accelerator(devices["devices"])
+    # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
+    mixed = distribution_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
+    per_device = mfu.table_peak(name, mixed)
     if per_device is not None:
-        return {"total": per_device * count, "per_device": per_device, "source": f"data sheet of {name}"}
-    if backend_lib.accelerator(devices["devices"]) is None:
-        measured = mfu.measure_cpu_peak()
-        return {"total": measured, "per_device": measured, "source": "measured float32 matmul on this CPU"}
+        return {"total": per_device * count, "per_device": per_device,
+                "source": f"data sheet of {name}, {'bfloat16' if mixed else 'float32'}"}
+    if accel is None:
+        dtype = "bfloat16" if mixed else "float32"
+        try:
+            peak = mfu.cpu_peak(dtype, devices["backend"])
+        except (RuntimeError, OSError) as error:  # no peak is better than a wrong one
+            return {"total": None, "per_device": None,
+                    "source": f"the CPU peak could not be measured ({error}); pass --peak-flops for MFU"}
+        return {"total": peak["flops"], "per_device": peak["flops"], "source": peak["source"],
+                "cache_key": peak["cache_key"]}
     return {"total": None, "per_device": None, "source": f"unknown device {name!r}; pass --peak-flops for MFU"}
 
 
@@ -195,21 +211,20 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     return 0
 
 
-def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None):
+def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None, upload_to=None):
     from ultimate_trainer.training import reporting
 
     o = cfg.output
     uploader = None
     if not dist.is_chief:  # only process 0 writes logs, checkpoints and uploads
         return _fit_with(reporting.NullSink(), None, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
-    if cfg.cloud.cloud_provider:
+    if upload_to is not None:
         from ultimate_trainer.checkpoint import cloud
 
-        bucket = cloud.bucket_for_upload(cfg.cloud)
-        prefix = cfg.cloud.cloud_prefix or out.resolve().name
-        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say,
-                                  secrets=[cfg.cloud.azure_sas_token or ""])
-        say(f"uploads: each checkpoint-<step> goes to {bucket.uri(prefix)} in the background")
+        bucket, prefix = upload_to
+        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say)
+        say(f"uploads: checkpoints, milestones, best_checkpoint and final_model go to {bucket.uri(prefix)} in the "
+            f"background")
     sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
     try:
         return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
@@ -363,6 +378,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             if chief:
                 path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
                 say(f"saved milestone {path}")
+                if uploader is not None:
+                    uploader.submit(path)
 
     best = {"val_loss": math.inf}
 
@@ -376,6 +393,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
                 if chief:
                     save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra,
                                     replace=True)
+                    if uploader is not None:
+                        uploader.submit(out / "best_checkpoint")
             say(f"best validation loss so far: saved {out / 'best_checkpoint'}")
         return record
 
@@ -384,7 +403,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
 
     moe.read_stats(model)  # from zero: a resumed checkpoint holds a window's partial sums
     logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, sink, say,
-                              flops_per_token=plan["flops_per_token"], peak_flops=plan["peak_flops"]["total"],
+                              flops_per_token=plan["flops_per_token"], peak=plan["peak_flops"],
                               skip_nonfinite=t.skip_nonfinite,
                               moe_stats=(lambda: moe.read_stats(model)) if m.num_experts else None)
     callbacks = [
@@ -443,6 +462,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         return 0
     final_model = link_copy(checkpoint, out / "final_model")
     say(f"final model: {final_model}")
+    if uploader is not None:
+        uploader.submit(final_model)
     (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
     say("samples:")
     for text in samples:
@@ -457,9 +478,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
         "wall_seconds": wall,
         "train_seconds": logger.train_seconds,
         "tokens_per_sec": tokens_per_sec,
-        "mfu": plan["flops_per_token"] * tokens_per_sec / plan["peak_flops"]["total"]
-        if plan["peak_flops"]["total"]
-        else None,
+        "mfu": logger.peak.mfu(plan["flops_per_token"] * tokens_per_sec),
         "peak_flops": plan["peak_flops"],
         "initial_val_loss": initial["val_loss"],
         "final_val_loss": final["val_loss"],
