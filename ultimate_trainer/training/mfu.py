@@ -38,17 +38,35 @@ PEAKS = {
 }
 
 
-def table_peak(device_name, mixed_precision):
-    """The data-sheet peak of one device, or None when it is not in the table.
+# Dense TF32 tensor-core peaks (data sheets) of the GPUs that have TF32 (compute capability 8.0+).
+# jax and tensorflow run float32 matmuls there as TF32 by default (jax's default precision,
+# tensorflow's enable_tensor_float_32_execution); torch does not (allow_tf32 is off). Measured
+# on an H200 (tools/gpu_check.py): jax float32 matmul 348-353 TFLOP/s against 67 for true
+# float32, so the plain float32 peak read a 162M model's float32 run as 196% MFU.
+TF32_PEAKS = {
+    "h200": 494.7e12, "h100 pcie": 378e12, "h100": 494.7e12, "a100": 156e12, "l40s": 183e12,
+    "l4": 60e12, "a10": 62.5e12, "rtx 4090": 82.6e12,
+}
+TF32_BACKENDS = ("jax", "tensorflow")
+
+
+def table_peak(device_name, mixed_precision, backend=None):
+    """The data-sheet peak of one device, or None when it is not in the table:
+    bfloat16 for mixed precision; for float32, the TF32 peak where `backend`
+    computes float32 matmuls in TF32 on that GPU, else plain float32.
 
     Example:
         >>> table_peak("NVIDIA A100-SXM4-80GB", True)
         312000000000000.0
+        >>> table_peak("NVIDIA H100 80GB HBM3", False, "jax") / 1e12
+        494.7
     """
     name = device_name.lower()
     for key, (half, full) in PEAKS.items():
         if key in name:
-            return half if mixed_precision else full
+            if mixed_precision:
+                return half
+            return TF32_PEAKS.get(key, full) if backend in TF32_BACKENDS else full
     return None
 
 

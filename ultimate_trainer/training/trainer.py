@@ -135,10 +135,11 @@ def _peak_flops(cfg, devices, count):
     accel = backend_lib.accelerator(devices["devices"])
     # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
     mixed = distribution_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
-    per_device = mfu.table_peak(name, mixed)
+    per_device = mfu.table_peak(name, mixed, devices["backend"])
     if per_device is not None:
+        tf32 = not mixed and per_device != mfu.table_peak(name, False)
         return {"total": per_device * count, "per_device": per_device,
-                "source": f"data sheet of {name}, {'bfloat16' if mixed else 'float32'}"}
+                "source": f"data sheet of {name}, {'bfloat16' if mixed else 'TF32' if tf32 else 'float32'}"}
     if accel is None:
         dtype = "bfloat16" if mixed else "float32"
         try:
