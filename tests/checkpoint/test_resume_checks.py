@@ -99,7 +99,7 @@ def test_allowed_changes_keep_the_learning_rate_continuous(run, tmp_path, capsys
     assert len(said) == 1 and said[0].startswith(
         "resume: --allow-changed-config max-steps,learning_rate: --max-steps 6 -> 12; --learning-rate 0.0005 -> "
         "0.001; the learning rate continues from 0.0003445 (the checkpoint's schedule at step 3) and decays by cosine "
-        "(warmup done) to 0.0001 at step 12"), said
+        "to 0.0001 at step 12 (warmup done)"), said
 
     before, after = _lrs(run), _lrs(out)
     assert sorted(after) == list(range(4, 13))

@@ -425,7 +425,12 @@ def _continued(old, step, new, checkpoint):
         )
     schedule = continued(old, step, new)
     lr, top = schedule["from_lr"], new["warmup_steps"] - 1
-    how = (f"rises to {new['peak']:g} at step {top:,} (the rest of the warmup), then decays by cosine" if step < top
-           else "decays by cosine (warmup done)")
+    end, total = f"{new['end']:g}", f"{new['total_steps']:,}"
+    if step < top:
+        how = f"rises to {new['peak']:g} at step {top:,} (the rest of the warmup), then decays by cosine to {end} at step {total}"
+    elif math.isclose(new["end"], lr, rel_tol=1e-6):
+        how = f"stays there to step {total} (warmup done)"
+    else:
+        how = f"{'decays' if new['end'] < lr else 'rises'} by cosine to {end} at step {total} (warmup done)"
     return schedule, (f"the learning rate continues from {lr:.4g} (the checkpoint's schedule at step {step:,}) and "
-                      f"{how} to {new['end']:g} at step {new['total_steps']:,}")
+                      f"{how}")
