@@ -167,3 +167,37 @@ def test_allow_changed_config_needs_a_resume_and_its_help_lists_every_name():
     field = next(f for _, _, f in config_lib.iter_fields() if f.name == "allow_changed_config")
     for name in changeable_names():
         assert name in field.metadata["help"], name
+
+
+def test_an_older_checkpoint_is_compared_with_its_settings_and_defaults(run, tmp_path, capsys):
+    import shutil
+
+    from ultimate_trainer.checkpoint import store
+
+    # Written before checkpoints recorded their schedule or had --grad-clip: rebuilt from its
+    # settings, a missing key read as the default.
+    old = shutil.copytree(run / "checkpoint-3", tmp_path / "checkpoint-3")
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["schedule"]
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    args = json.loads((old / "training_args.json").read_text())
+    del args["training"]["grad_clip"]
+    (old / "training_args.json").write_text(json.dumps(args))
+    store.write_manifest(old, 3)
+    assert main([*QUIET, "--max-steps", "6", "--output-dir", str(tmp_path / "o"), "--resume-from", str(old),
+                 "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["resume"]["changes"] == [] and plan["schedule"]["lr_schedule"]["total_steps"] == TOTAL
+    assert main([*QUIET, "--max-steps", "12", "--allow-changed-config", "max_steps", "--output-dir",
+                 str(tmp_path / "o"), "--resume-from", str(old), "--dry-run", "--json"]) == 0
+    schedule = json.loads(capsys.readouterr().out)["schedule"]["lr_schedule"]
+    assert schedule["from_step"] == 3 and schedule["from_lr"] == pytest.approx(plain_lr(3), rel=1e-5)
+
+
+def test_eval_only_needs_only_the_model_to_match(run, tmp_path, capsys):
+    argv = [*tiny_model_flags(), "--eval-only", "--eval-steps", "1", "--json", "--resume-from", str(run / "checkpoint-3"),
+            "--output-dir", str(tmp_path / "o")]
+    assert main([*argv, "--learning-rate", "1e-3", "--seed", "7"]) == 0  # it trains nothing
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0
+    line = _error(capsys, [*argv, "--num-layers", "3"])
+    assert "differs from the checkpoint's: --num-layers 2 (checkpoint) vs 3 (this run); " in line
