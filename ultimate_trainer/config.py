@@ -180,6 +180,7 @@ class OutputConfig:
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
     eval_enabled: bool = _opt(True, "Do not validate (no validation passes, no best_checkpoint).", flag="--no-eval")
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest valid checkpoint), `latest` (in --output-dir), or an s3:// gs:// az:// URI of a checkpoint or a prefix (downloaded into <output-dir>/remote-checkpoints/).", type=str)
+    allow_changed_config: str = _opt(None, "With --resume-from, let these settings differ from the checkpoint's, comma-separated: max_steps (also --total-tokens, --epochs), lr, lr_end (also --min-lr-ratio), warmup, weight_decay, grad_clip, precision, dropout, aux_loss, z_loss; flag names work too. A changed schedule continues from the checkpoint's learning rate, without a jump. Without it a resume refuses any setting that would change the run (docs/checkpoints.md).", type=str, metavar="NAMES")
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
     tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
     wandb_project: str = _opt(None, "Log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works without network).", type=str)
@@ -618,6 +619,12 @@ def validate(cfg):
         )
     if cfg.output.wandb_run_name and not cfg.output.wandb_project:
         raise UserError("--wandb-run-name names a W&B run; add --wandb-project PROJECT")
+    if o.allow_changed_config is not None:
+        if not o.resume_from:
+            raise UserError("--allow-changed-config applies to --resume-from; add it, or drop --allow-changed-config")
+        from ultimate_trainer.checkpoint.resume import parse_allowed
+
+        parse_allowed(o.allow_changed_config)
     _validate_cloud(cfg.cloud, cfg.output.resume_from, flags)
     _validate_distribution(cfg.distribution)
     loader = cfg.loader

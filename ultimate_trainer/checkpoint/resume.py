@@ -1,9 +1,12 @@
 """Finding the checkpoint a run resumes from and checking that it fits."""
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
+from ultimate_trainer import config as config_lib
 from ultimate_trainer.checkpoint.store import (
     MODEL_FILE,
     STATE_FILE,
@@ -103,38 +106,331 @@ def read_state(checkpoint):
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-# Training settings that change what the next batch or step means.
-_DATA_KEYS = (("training", "batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
-              ("model", "seq_len"), ("loader", "stride"), ("loader", "shuffle_buffer_size"),
-              ("model", "state_passing"))
+# ---------------------------------------------------------------- does this run continue the checkpoint's?
+#
+# A resume compares resolved values (the step count --epochs gives, the end LR
+# --min-lr-ratio gives, the batch --global-batch-size gives, the model a preset
+# gives), never what was typed. Settings of these kinds may change with
+# --allow-changed-config; the others cannot, and `FIXED_BECAUSE` says why.
+CHANGEABLE = ("schedule", "training")
+FIXED_BECAUSE = {"data": "data stream", "model": "weights", "optimizer": "optimizer state"}
 
 
-def check_resumable(cfg, checkpoint, state, inputs, sequences_per_step=None):
-    """Refuses a resume whose data stream would not continue the checkpoint's
-    (`sequences_per_step`: this run's, over all devices)."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One compared setting: `name` (its --allow-changed-config name, with
+    `aliases`), the `flag` named in messages, its `kind` and how to read it:
+    `schedule` settings from a schedule config (`key`), others from a `Config`
+    (`read`)."""
+
+    name: str
+    flag: str
+    kind: str
+    read: object = None
+    key: str = None
+    aliases: tuple = ()
+
+
+def _t(name):
+    return lambda c: getattr(c.training, name)
+
+
+def _m(name):
+    return lambda c: getattr(c.model, name)
+
+
+# Model fields that are inputs to others (a preset, a size) or change no weight and no math.
+_MODEL_FREE = {"model_preset", "target_params", "prefer_depth", "flash_attention", "init_from", "lora_rank",
+               "lora_alpha", "lora_targets"}
+# Model fields compared as the other kinds below, or resolved first.
+_MODEL_ELSEWHERE = {"seq_len", "state_passing", "dropout_rate", "router_aux_loss_coef", "router_z_loss_coef",
+                    "num_kv_heads", "activation", "ttt_layer_type"}
+
+
+def _settings():
+    yield Setting("max_steps", "--max-steps", "schedule", key="total_steps", aliases=("total_tokens", "epochs"))
+    yield Setting("lr", "--learning-rate", "schedule", key="peak", aliases=("learning_rate",))
+    yield Setting("lr_end", "--lr-end", "schedule", key="end", aliases=("min_lr_ratio",))
+    yield Setting("warmup", "--warmup-steps", "schedule", key="warmup_steps", aliases=("warmup_steps",))
+    yield Setting("weight_decay", "--weight-decay", "training", _t("weight_decay"))
+    yield Setting("grad_clip", "--grad-clip", "training", _t("grad_clip"))
+    yield Setting("precision", "--use-mixed-precision", "training",
+                  lambda c: "bfloat16" if c.optimization.use_mixed_precision else "float32",
+                  aliases=("use_mixed_precision", "mixed_precision"))
+    yield Setting("dropout", "--dropout-rate", "training", _m("dropout_rate"), aliases=("dropout_rate",))
+    yield Setting("aux_loss", "--router-aux-loss-coef", "training", _m("router_aux_loss_coef"),
+                  aliases=("router_aux_loss_coef",))
+    yield Setting("z_loss", "--router-z-loss-coef", "training", _m("router_z_loss_coef"),
+                  aliases=("router_z_loss_coef",))
+    yield Setting("optimizer", "--optimizer", "optimizer", _t("optimizer"))
+    for name in ("batch_size", "gradient_accumulation_steps", "seed"):
+        yield Setting(name, "--" + name.replace("_", "-"), "data", _t(name))
+    yield Setting("seq_len", "--seq-len", "data", _m("seq_len"))
+    yield Setting("stride", "--stride", "data", lambda c: c.loader.stride)
+    yield Setting("shuffle_buffer_size", "--shuffle-buffer-size", "data", lambda c: c.loader.shuffle_buffer_size)
+    yield Setting("state_passing", "--state-passing", "data", _m("state_passing"))
+    yield Setting("num_kv_heads", "--num-kv-heads", "model", lambda c: c.model.num_kv_heads or c.model.num_heads)
+    yield Setting("activation", "--activation", "model", lambda c: None if c.model.use_swiglu else c.model.activation)
+    yield Setting("ttt_layer_type", "--ttt-layer-type", "model", lambda c: config_lib.ttt_kind(c.model))
+    for f in dataclasses.fields(config_lib.ModelConfig):
+        if f.name not in _MODEL_FREE | _MODEL_ELSEWHERE:
+            yield Setting(f.name, config_lib.flag_name(f), "model", _m(f.name))
+
+
+def _names():
+    """{accepted spelling: name} of the changeable settings, and {spelling: setting} of the fixed ones."""
+    changeable, fixed = {}, {}
+    for s in _settings():
+        spellings = {s.name, s.flag.lstrip("-").replace("-", "_"), *s.aliases}
+        for word in spellings:
+            (changeable if s.kind in CHANGEABLE else fixed)[word] = s.name if s.kind in CHANGEABLE else s
+    return changeable, fixed
+
+
+def changeable_names():
+    """The names --allow-changed-config takes, in order.
+
+    Example:
+        >>> changeable_names()[:3]
+        ['max_steps', 'lr', 'lr_end']
+    """
+    return [s.name for s in _settings() if s.kind in CHANGEABLE]
+
+
+def parse_allowed(text):
+    """The settings `--allow-changed-config TEXT` lets differ, as canonical names;
+    `UserError` for a name it does not know or a setting that cannot change.
+
+    Example:
+        >>> sorted(parse_allowed("lr,--max-steps,total-tokens"))
+        ['lr', 'max_steps']
+    """
+    if text is None:
+        return frozenset()
+    changeable, fixed = _names()
+    valid = ", ".join(changeable_names())
+    allowed = set()
+    for raw in str(text).split(","):
+        word = raw.strip().lstrip("-").replace("-", "_").lower()
+        if word in changeable:
+            allowed.add(changeable[word])
+        elif word in fixed:
+            s = fixed[word]
+            raise UserError(
+                f"--allow-changed-config {raw.strip()}: {s.flag} cannot change on a resume, the checkpoint's "
+                f"{FIXED_BECAUSE[s.kind]} would not fit; resume with its value"
+                + ("" if s.kind == "model" else ", or start a new run from its weights with --init-from")
+                + f". Names that can change: {valid}"
+            )
+        else:
+            raise UserError(
+                f"--allow-changed-config {raw.strip()!r}: not a setting it knows; give comma-separated names "
+                f"from: {valid} (flag names such as learning-rate also work)"
+            )
+    return frozenset(allowed)
+
+
+def _show(flag, value):
+    if isinstance(value, bool):  # a --no-X flag is on when the setting is off
+        return "on" if value != flag.startswith("--no-") else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "unset" if value is None else str(value)
+
+
+@dataclasses.dataclass
+class Difference:
+    """A setting whose resolved value differs between the checkpoint and this run."""
+
+    name: str
+    flag: str
+    kind: str
+    theirs: str
+    ours: str
+    ours_flag: str = None  # this run sets it with another flag
+
+    def text(self, first=False):
+        ours = f"{self.ours_flag} {self.ours}" if self.ours_flag else self.ours
+        return f"{self.flag} {self.theirs} (checkpoint) vs {ours} (this run)" if first else \
+            f"{self.flag} {self.theirs} vs {ours}"
+
+    def change(self):
+        return f"{self.ours_flag or self.flag} {self.theirs} -> {self.ours}"
+
+
+def saved_config(checkpoint):
+    """The checkpoint's resolved `Config`, read from its training_args.json; keys an
+    older checkpoint lacks keep their defaults."""
     saved = json.loads((Path(checkpoint) / "training_args.json").read_text())
-    for section, key in _DATA_KEYS:
-        ours = getattr(getattr(cfg, section), key)
-        theirs = saved[section].get(key, getattr(type(getattr(cfg, section))(), key))  # older runs: the default
-        if theirs != ours:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(
-                f"--resume-from {checkpoint}: it was trained with {flag} {theirs}, this run has {ours}; "
-                f"resume with the same value (use --init-from to start a new run from its weights)"
-            )
-    if sequences_per_step is not None:
-        t = saved["training"]
-        theirs = state.get("sequences_per_step", t["batch_size"] * t.get("gradient_accumulation_steps", 1))
-        if theirs != sequences_per_step:
-            raise UserError(
-                f"--resume-from {checkpoint}: its steps took {theirs} sequences, this run's take {sequences_per_step} "
-                f"(--batch-size per device x data-parallel devices x accumulation); resume on the same number of "
-                f"data-parallel devices"
-            )
+    cfg = config_lib.Config()
+    for attr, _, _ in config_lib.SECTIONS:
+        section = getattr(cfg, attr)
+        for key, value in saved.get(attr, {}).items():
+            if hasattr(section, key):
+                setattr(section, key, value)
+    return cfg
+
+
+def _sequences_per_step(saved, state):
+    t = saved.training
+    return state.get("sequences_per_step", t.batch_size * t.gradient_accumulation_steps)
+
+
+def saved_schedule(saved, state):
+    """The LR schedule the checkpoint's run used (a `WarmupCosine` config): recorded in
+    its trainer_state.json, or, for older checkpoints, rebuilt from its settings."""
+    if state.get("schedule"):
+        return state["schedule"]
+    from ultimate_trainer.training.plan import schedule_numbers
+
+    t, seq_len = saved.training, saved.model.seq_len
+    micro = _sequences_per_step(saved, state) // t.gradient_accumulation_steps
+    n = schedule_numbers(t, seq_len, micro, state["data"]["windows_per_epoch"], seq_len + 1)
+    return {"peak": t.learning_rate, "end": n["lr_end"], "warmup_steps": n["warmup_steps"], "total_steps": n["total_steps"]}
+
+
+def _length_flag(t):
+    return "--max-steps" if t.max_steps else "--total-tokens" if t.total_tokens else "--epochs"
+
+
+def _length(t, steps):
+    if t.max_steps:
+        return str(steps)
+    return f"{t.total_tokens if t.total_tokens else t.epochs} = {steps} steps"
+
+
+def _same(a, b):
+    """Equal, floats up to rounding (--min-lr-ratio 0.1 of 3e-4 is --lr-end 3e-5)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _follows(name, old, new, saved, cfg):
+    """Whether a changed end LR or warmup only follows another reported change: the
+    default end is a fraction of the peak, and a run shorter than --warmup-steps
+    warms up over 10% of its length."""
+    if name == "lr_end":
+        return _same(old["end"] / old["peak"], new["end"] / new["peak"])
+    if name == "warmup":
+        return old["total_steps"] != new["total_steps"] and saved.training.warmup_steps == cfg.training.warmup_steps
+    return False
+
+
+def _tokenizer_text(meta):
+    return f"{meta.get('kind')} of {meta.get('vocab_size')} ids, fingerprint {meta.get('fingerprint')}"
+
+
+def differences(cfg, checkpoint, state, inputs, plan, tokenizer):
+    """Every resolved setting in which this run (`cfg`, its `plan`, `inputs` and
+    `tokenizer`) differs from the checkpoint's, as `Difference`s in message order."""
+    from ultimate_trainer.data.tokenizers import TOKENIZER_FILE
+
+    saved = saved_config(checkpoint)
+    old, new = saved_schedule(saved, state), plan["schedule"]["lr_schedule"]
+    found = []
+    for s in _settings():
+        if s.kind == "schedule":
+            theirs, ours = old[s.key], new[s.key]
+            if _same(theirs, ours) or _follows(s.name, old, new, saved, cfg):
+                continue
+            if s.name == "max_steps":
+                a, b = _length_flag(saved.training), _length_flag(cfg.training)
+                found.append(Difference(s.name, a, s.kind, _length(saved.training, theirs),
+                                        _length(cfg.training, ours), None if a == b else b))
+            else:
+                found.append(Difference(s.name, s.flag, s.kind, _show(s.flag, theirs), _show(s.flag, ours)))
+        elif not _same(s.read(saved), s.read(cfg)):
+            found.append(Difference(s.name, s.flag, s.kind, _show(s.flag, s.read(saved)), _show(s.flag, s.read(cfg))))
+    theirs, ours = _sequences_per_step(saved, state), plan["schedule"]["global_batch_size"]
+    if theirs != ours and not {"batch_size", "gradient_accumulation_steps"} & {d.name for d in found}:
+        found.append(Difference("sequences_per_step", "sequences per step", "data", str(theirs),
+                                f"{ours} (--batch-size per device x data-parallel devices x accumulation)"))
     data = state.get("data", {})
-    if data.get("kind") != inputs.kind or data.get("windows_per_epoch") != inputs.windows_per_epoch:
+    windowing = {"seq_len", "stride", "state_passing", "batch_size"} & {d.name for d in found}  # explain the data's change
+    if not windowing and (data.get("kind"), data.get("windows_per_epoch")) != (inputs.kind, inputs.windows_per_epoch):
+        found.append(Difference("data", "data", "data", f"{data.get('kind')} of {data.get('windows_per_epoch')} windows "
+                                f"per epoch", f"{inputs.kind} of {inputs.windows_per_epoch}"))
+    path = Path(checkpoint) / TOKENIZER_FILE
+    if path.is_file():
+        meta, mine = json.loads(path.read_text()), tokenizer.describe()
+        keys = [k for k in ("kind", "vocab_size", "fingerprint") if meta.get(k) is not None]
+        if any(meta[k] != mine.get(k) for k in keys):
+            found.append(Difference("tokenizer", "tokenizer", "model", _tokenizer_text(meta), _tokenizer_text(mine)))
+    return found
+
+
+def check_resumable(cfg, checkpoint, state, inputs, plan, tokenizer):
+    """Refuses a resume that would not continue the checkpoint's run, in one line
+    naming every differing setting with both values; returns what the run does
+    instead: {"lr_schedule": the schedule config to train with, "changes": the
+    differences --allow-changed-config allowed, "changed": a line saying what
+    they do, or None}. With --eval-only only the model and tokenizer must match.
+
+    A changed schedule continues from the LR the checkpoint's schedule had at
+    its step (`schedules.WarmupCosine`'s `from_step`), so the LR does not jump.
+
+    Example:
+        resumed = check_resumable(cfg, "out/checkpoint-100", read_state(...), inputs, plan, tokenizer)
+        plan["schedule"]["lr_schedule"] = resumed["lr_schedule"]
+    """
+    allowed = parse_allowed(cfg.output.allow_changed_config)
+    found = differences(cfg, checkpoint, state, inputs, plan, tokenizer)
+    if cfg.run.eval_only:
+        found = [d for d in found if d.kind == "model"]
+    refused = [d for d in found if d.name not in allowed]
+    if refused:
+        fixed = [d for d in refused if d.kind not in CHANGEABLE]
+        missing = [d.name for d in refused if d.kind in CHANGEABLE]
+        ways = []
+        if fixed:
+            why = " and ".join(dict.fromkeys(FIXED_BECAUSE[d.kind] for d in fixed))
+            fresh = (f", or start a new run from its weights with --init-from {checkpoint}"
+                     if any(d.kind != "model" for d in fixed) else "")
+            if any(d.name == "tokenizer" for d in fixed):
+                fresh += f" (--tokenizer-path {checkpoint} uses its tokenizer)"
+            ways.append(f"{', '.join(d.flag for d in fixed)} cannot change on a resume, the checkpoint's {why} would "
+                        f"not fit: resume with its values{fresh}")
+        if missing:
+            smooth = any(d.kind == "schedule" for d in refused)
+            ways.append(f"{'to change the rest' if fixed else 'resume with its values, or to change them'} on purpose "
+                        f"add --allow-changed-config {','.join(missing)}"
+                        + (" (the learning rate then continues from the checkpoint's, without a jump)" if smooth else ""))
         raise UserError(
-            f"--resume-from {checkpoint}: its data ({data.get('kind')}, {data.get('windows_per_epoch')} windows "
-            f"per epoch) differs from this run's ({inputs.kind}, {inputs.windows_per_epoch}); resume on the same "
-            f"data, or use --init-from to start a new run from its weights"
+            f"--resume-from {checkpoint}: this run differs from the checkpoint's: "
+            + ", ".join(d.text(first=i == 0) for i, d in enumerate(refused)) + "; " + "; ".join(ways)
         )
+    schedule = saved_schedule(saved_config(checkpoint), state)
+    if cfg.run.eval_only:
+        return {"lr_schedule": schedule, "changes": [], "changed": None}
+    parts = [d.change() for d in found]
+    if any(d.kind == "schedule" for d in found):
+        schedule, line = _continued(schedule, state["step"], plan["schedule"]["lr_schedule"], checkpoint)
+        parts.append(line)
+    idle = sorted(allowed - {d.name for d in found})
+    if idle:
+        parts.append(f"{', '.join(idle)} as in the checkpoint")
+    changed = f"--allow-changed-config {cfg.output.allow_changed_config}: " + "; ".join(parts) if allowed else None
+    return {"lr_schedule": schedule, "changes": [dataclasses.asdict(d) for d in found], "changed": changed}
+
+
+def _continued(old, step, new, checkpoint):
+    """`new` (a schedule config), continued from the LR `old` has at `step`, and a line saying how."""
+    from ultimate_trainer.training.schedules import continued
+
+    if new["total_steps"] <= step:
+        raise UserError(
+            f"--resume-from {checkpoint} is at step {step:,}, and this run ends at step {new['total_steps']:,}; "
+            f"give a run length beyond step {step:,}"
+        )
+    schedule = continued(old, step, new)
+    lr, top = schedule["from_lr"], new["warmup_steps"] - 1
+    end, total = f"{new['end']:g}", f"{new['total_steps']:,}"
+    if step < top:
+        how = f"rises to {new['peak']:g} at step {top:,} (the rest of the warmup), then decays by cosine to {end} at step {total}"
+    elif math.isclose(new["end"], lr, rel_tol=1e-6):
+        how = f"stays there to step {total} (warmup done)"
+    else:
+        how = f"{'decays' if new['end'] < lr else 'rises'} by cosine to {end} at step {total} (warmup done)"
+    return schedule, (f"the learning rate continues from {lr:.4g} (the checkpoint's schedule at step {step:,}) and "
+                      f"{how}")

@@ -101,6 +101,51 @@ def model_summary(model_cfg, vocab_size):
     return architecture, params, flops
 
 
+def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
+    """The run length, warmup and end learning rate that `t` (a `TrainingConfig`)
+    gives with `micro_batch` sequences per micro-batch over all devices, as a
+    dict with the rule that set the length and notes on what was adjusted.
+
+    Example:
+        schedule_numbers(cfg.training, 256, 32, inputs.windows_per_epoch, inputs.window)["total_steps"]
+    """
+    sequences_per_step = micro_batch * t.gradient_accumulation_steps
+    tokens_per_step = sequences_per_step * seq_len
+    steps_per_epoch = windows_per_epoch // sequences_per_step
+    notes = []
+    if t.max_steps:
+        total_steps = t.max_steps
+        rule = f"--max-steps {t.max_steps}"
+    elif t.total_tokens:
+        total_steps = max(1, t.total_tokens // tokens_per_step)
+        rule = (
+            f"--total-tokens {t.total_tokens:,} / ({micro_batch} batch x "
+            f"{t.gradient_accumulation_steps} accumulation x {seq_len} seq_len) = {total_steps:,} steps"
+        )
+    else:
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"the training data holds {windows_per_epoch} windows of {window} tokens, fewer than one "
+                f"step of {sequences_per_step}; lower --batch-size, --gradient-accumulation-steps or "
+                f"--seq-len, or add data"
+            )
+        total_steps = t.epochs * steps_per_epoch
+        rule = (
+            f"{t.epochs} epochs x {steps_per_epoch:,} steps ({windows_per_epoch:,} windows / "
+            f"{sequences_per_step} sequences per step)"
+        )
+    warmup = t.warmup_steps
+    if warmup >= total_steps:
+        warmup = max(1, total_steps // 10)
+        notes.append(
+            f"--warmup-steps {t.warmup_steps} is not shorter than the run ({total_steps} steps); "
+            f"warming up over {warmup} steps (10%) instead"
+        )
+    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate * (
+        t.min_lr_ratio if t.min_lr_ratio is not None else 0.1)
+    return {"total_steps": total_steps, "rule": rule, "warmup_steps": warmup, "lr_end": lr_end, "notes": notes}
+
+
 def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     """Everything a run will do, as plain data (what `--dry-run --json` prints).
 
@@ -143,37 +188,9 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             f"data, {inputs.windows_per_row:,} windows per epoch, in order (not shuffled); TTT states carry over "
             f"between its windows and restart with each epoch"
         )
-    if t.max_steps:
-        total_steps = t.max_steps
-        rule = f"--max-steps {t.max_steps}"
-    elif t.total_tokens:
-        total_steps = max(1, t.total_tokens // tokens_per_step)
-        rule = (
-            f"--total-tokens {t.total_tokens:,} / ({micro_batch} batch x "
-            f"{t.gradient_accumulation_steps} accumulation x {m.seq_len} seq_len) = {total_steps:,} steps"
-        )
-    else:
-        if steps_per_epoch == 0:
-            raise UserError(
-                f"the training data holds {windows_per_epoch} windows of {window} tokens, fewer than one "
-                f"step of {sequences_per_step}; lower --batch-size, --gradient-accumulation-steps or "
-                f"--seq-len, or add data"
-            )
-        total_steps = t.epochs * steps_per_epoch
-        rule = (
-            f"{t.epochs} epochs x {steps_per_epoch:,} steps ({windows_per_epoch:,} windows / "
-            f"{sequences_per_step} sequences per step)"
-        )
-
-    warmup = t.warmup_steps
-    if warmup >= total_steps:
-        warmup = max(1, total_steps // 10)
-        notes.append(
-            f"--warmup-steps {t.warmup_steps} is not shorter than the run ({total_steps} steps); "
-            f"warming up over {warmup} steps (10%) instead"
-        )
-    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate * (
-        t.min_lr_ratio if t.min_lr_ratio is not None else 0.1)
+    numbers = schedule_numbers(t, m.seq_len, micro_batch, windows_per_epoch, window)
+    total_steps, rule, warmup, lr_end = (numbers[k] for k in ("total_steps", "rule", "warmup_steps", "lr_end"))
+    notes += numbers["notes"]
     if m.use_lora and not m.init_from:
         notes.append("--use-lora without --init-from trains adapters on a randomly initialised base model")
     restated = [flag for key, flag in (("loader.use_streaming", "--use-streaming"),
@@ -215,6 +232,8 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             "lr_end": lr_end,
             "warmup_steps": warmup,
             "optimizer": t.optimizer,
+            # What `schedules.WarmupCosine` is built from; a resume may continue another one.
+            "lr_schedule": {"peak": t.learning_rate, "end": lr_end, "warmup_steps": warmup, "total_steps": total_steps},
         },
         "sizing": _sizing(m, params["total"]),
         "notes": notes,
@@ -284,4 +303,6 @@ def format_plan(plan, layout_rules=False):
             f"resume: {r['checkpoint']} at step {r['step']:,} (data window {r['data']['next_window']:,}, "
             f"epoch {r['data']['epoch']}); {s['total_steps'] - r['step']:,} steps to go"
         )
+        if r.get("changed"):
+            lines.append(f"resume: {r['changed']}")
     return lines + [f"note: {n}" for n in plan["notes"]]

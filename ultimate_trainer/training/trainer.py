@@ -101,8 +101,9 @@ def train(cfg):
                 f"weights; start a new LoRA run with --init-from {resume}"
             )
         state = read_state(resume)
-        check_resumable(cfg, resume, state, inputs, plan["schedule"]["global_batch_size"])
-        plan["resume"] = {"checkpoint": str(resume), "step": state["step"], "data": state["data"]}
+        resumed = check_resumable(cfg, resume, state, inputs, plan, tokenizer)
+        plan["schedule"]["lr_schedule"] = resumed.pop("lr_schedule")
+        plan["resume"] = {"checkpoint": str(resume), "step": state["step"], "data": state["data"], **resumed}
 
     if cfg.run.dry_run:
         if cfg.run.json:
@@ -307,7 +308,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
                 f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
                 f"the formula and the model have drifted apart"
             )
-        schedule = WarmupCosine(t.learning_rate, s["lr_end"], s["warmup_steps"], s["total_steps"])
+        schedule = WarmupCosine.from_config(s["lr_schedule"])
         model.compile(
             optimizer=build_optimizer(t, schedule, model),
             loss=TokenCrossEntropy(),
@@ -348,6 +349,7 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             # Windows (sequences) drawn from the stream so far, micro-batches included.
             "data": inputs.state(step * micro * accumulation, t.seed),
             "sequences_per_step": micro * accumulation,
+            "schedule": s["lr_schedule"],  # a later resume continues this one
             "rng": rng_state(model),
         }
 
@@ -449,7 +451,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             f"error: the training loss or gradients became NaN or infinite after step {clock.nonfinite_after:,}"
             + (f" (more than --skip-nonfinite {t.skip_nonfinite} updates)" if t.skip_nonfinite else "")
             + f"; {good}. Lower --learning-rate, raise --warmup-steps or keep --grad-clip on, then --resume-from "
-            f"that checkpoint (--skip-nonfinite N steps over rare bad batches)",
+            f"that checkpoint with --allow-changed-config naming what you changed (--skip-nonfinite N steps over "
+            f"rare bad batches)",
             file=sys.stderr,
         )
         return 3
