@@ -201,3 +201,25 @@ def test_eval_only_needs_only_the_model_to_match(run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["val_loss"] > 0
     line = _error(capsys, [*argv, "--num-layers", "3"])
     assert "differs from the checkpoint's: --num-layers 2 (checkpoint) vs 3 (this run); " in line
+
+
+def test_a_resumed_run_keeps_a_better_best_checkpoint(tmp_path):
+    import shutil
+
+    # At this learning rate the tiny model's validation loss rises from step 1 to step 2.
+    out = tmp_path / "run"
+    argv = [*tiny_model_flags(), "--warmup-steps", "1", "--learning-rate", "0.2", "--max-steps", "2", "--save-every", "1",
+            "--eval-every", "1", "--eval-steps", "2", "--no-tensorboard", "--output-dir", str(out)]
+    assert main(argv) == 0
+    losses = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r}
+    assert losses[2] > losses[1], losses  # the premise; if training changes, pick another learning rate
+    best_state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["best"]
+    assert best_state == {"val_loss": pytest.approx(losses[1]), "step": 1}
+
+    shutil.rmtree(out / "checkpoint-2")
+    assert main([*argv, "--resume-from", str(out / "checkpoint-1")]) == 0
+    # Step 2's worse loss did not replace step 1's best (a fresh best of inf would have).
+    assert json.loads((out / "best_checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["best_step"] == 1 and summary["best_val_loss"] == pytest.approx(losses[1])

@@ -351,6 +351,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
             "sequences_per_step": micro * accumulation,
             "schedule": s["lr_schedule"],  # a later resume continues this one
             "rng": rng_state(model),
+            # The best validation so far, so a resumed run keeps a better best_checkpoint (local and in the bucket).
+            **({"best": {"val_loss": best["val_loss"], "step": best.get("step")}} if math.isfinite(best["val_loss"]) else {}),
         }
 
     def save(step):
@@ -385,6 +387,8 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
                     uploader.submit(path)
 
     best = {"val_loss": math.inf}
+    if resume is not None:  # a worse first evaluation after a resume must not replace the better best
+        best.update(read_state(resume).get("best") or {})
 
     def validate(step):
         if not o.eval_enabled:  # --no-eval
