@@ -81,6 +81,7 @@ def test_missing_recipe():
         ({"training.max_steps": 10, "training.total_tokens": 1000}, "pass only one"),
         ({"loader.stride": 257}, "--stride 257 must lie between 1 and --seq-len 256"),
         ({"loader.stride": 0}, "--stride 0 must lie between 1 and --seq-len 256"),
+        ({"output.sample_tokens": -1}, "--sample-tokens must be zero \\(no samples\\) or positive, got -1"),
         ({"training.lr_end": 1.0}, "--lr-end 1.0 must lie between 0"),
         ({"run.json": True}, "--json only applies to --dry-run"),
     ],

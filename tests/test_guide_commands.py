@@ -2,8 +2,8 @@
 
 The guide trains from a Hugging Face dataset id; here each `python -m
 ultimate_trainer` line of that page runs with local text in place of the id
-and a one-step run appended (`--max-steps 1 --batch-size 2 --eval-steps 1`),
-so that a 100M-parameter command costs seconds, not hours. Everything else,
+and a one-step run appended (`--max-steps 1 --batch-size 2 --eval-steps 1
+--sample-tokens 8`), so that a 100M-parameter command costs seconds, not hours. Everything else,
 the model size included, is the guide's. The runs take minutes together, so
 they are `slow`; that the page still parses into commands is checked by default.
 """
@@ -21,7 +21,7 @@ from ultimate_trainer.data import sources
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "cli-guide.md"
 PREFIX = "python -m ultimate_trainer "
-ONE_STEP = ["--max-steps", "1", "--batch-size", "2", "--eval-steps", "1"]
+ONE_STEP = ["--max-steps", "1", "--batch-size", "2", "--eval-steps", "1", "--sample-tokens", "8"]
 
 
 def guide_commands():

@@ -183,6 +183,7 @@ class OutputConfig:
     allow_changed_config: str = _opt(None, "With --resume-from, let these settings differ from the checkpoint's, comma-separated: max_steps (also --total-tokens, --epochs), lr, lr_end (also --min-lr-ratio), warmup, weight_decay, grad_clip, precision, dropout, aux_loss, z_loss; flag names work too. A changed schedule continues from the checkpoint's learning rate, without a jump. Without it a resume refuses any setting that would change the run (docs/checkpoints.md).", type=str, metavar="NAMES")
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
     tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
+    sample_tokens: int = _opt(200, "Tokens sampled from the trained model for each of the end-of-run samples (samples.txt); 0 writes none.")
     wandb_project: str = _opt(None, "Log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works without network).", type=str)
     wandb_run_name: str = _opt(None, "W&B run name (default: the output dir's name).", type=str)
 
@@ -669,6 +670,8 @@ def validate(cfg):
     for name in ("log_every", "save_every", "eval_every"):
         _positive(getattr(o, name), flags[name])
     _positive(o.eval_steps, flags["eval_steps"], allow_none=True)
+    if o.sample_tokens < 0:
+        raise UserError(f"--sample-tokens must be zero (no samples) or positive, got {o.sample_tokens}")
     if not o.eval_enabled:
         given = [flags[n] for n in ("eval_every", "eval_steps") if f"output.{n}" in cfg.explicit]
         if given:

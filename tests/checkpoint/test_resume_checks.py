@@ -209,8 +209,9 @@ def test_a_resumed_run_keeps_a_better_best_checkpoint(tmp_path):
     # At this learning rate the tiny model's validation loss rises from step 1 to step 2.
     out = tmp_path / "run"
     argv = [*tiny_model_flags(), "--warmup-steps", "1", "--learning-rate", "0.2", "--max-steps", "2", "--save-every", "1",
-            "--eval-every", "1", "--eval-steps", "2", "--no-tensorboard", "--output-dir", str(out)]
+            "--eval-every", "1", "--eval-steps", "2", "--no-tensorboard", "--sample-tokens", "0", "--output-dir", str(out)]
     assert main(argv) == 0
+    assert not (out / "samples.txt").exists()  # --sample-tokens 0: no end-of-run samples
     losses = {r["step"]: r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if "val_loss" in r}
     assert losses[2] > losses[1], losses  # the premise; if training changes, pick another learning rate

@@ -465,17 +465,19 @@ def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, 
     if o.milestone_every and s["total_steps"] % o.milestone_every == 0:
         save_milestone(s["total_steps"])
     # Every process samples (its computations span all devices); process 0 writes.
-    samples = [sample_text(model, tokenizer, p, seed=t.seed + i) for i, p in enumerate(SAMPLE_PROMPTS)]
+    samples = [sample_text(model, tokenizer, p, o.sample_tokens, seed=t.seed + i)
+               for i, p in enumerate(SAMPLE_PROMPTS)] if o.sample_tokens else []
     if not chief:
         return 0
     final_model = link_copy(checkpoint, out / "final_model")
     say(f"final model: {final_model}")
     if uploader is not None:
         uploader.submit(final_model)
-    (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
-    say("samples:")
-    for text in samples:
-        say("  " + text.replace("\n", "\n  "))
+    if samples:
+        (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
+        say("samples:")
+        for text in samples:
+            say("  " + text.replace("\n", "\n  "))
 
     trained_tokens = (s["total_steps"] - start_step) * tokens_per_step  # in this process
     tokens_per_sec = trained_tokens / max(logger.train_seconds, 1e-9)
