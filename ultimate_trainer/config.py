@@ -100,6 +100,7 @@ class ModelConfig:
     use_rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
     flash_attention: bool = _opt(True, "Force the plain attention kernel (flash is used automatically where supported).", flag="--no-flash-attention")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the LM head.")
+    use_bias: bool = _opt(False, "Add biases to the attention and MLP projections, as GPT-2 has (LLaMA has none); TTT layers and MoE experts take none.")
     use_lora: bool = _opt(False, "Train LoRA adapters only; every other weight is frozen.")
     lora_rank: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: the rank).", type=float)
@@ -467,7 +468,7 @@ def _apply_target_params(cfg):
     vocab = vocab_size_of(cfg.tokenizer)
     solution = sizing.solve_target_params(
         m.target_params, vocab, m.seq_len, use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm,
-        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth,
+        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth, use_bias=m.use_bias,
     )
     if solution is None:
         embedding = sizing.count_params(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
@@ -529,6 +530,12 @@ def validate(cfg):
 
     _validate_ttt(m, cfg.explicit, flags, cfg.loader)
     _validate_moe(m, cfg.explicit, flags)
+    if m.use_bias and len(set(sizing.ttt_block_indices(m.num_layers, m.ttt_layer_type, m.ttt_layers)) &
+                          set(sizing.moe_block_indices(m.num_layers, m.num_experts, m.moe_every))) == m.num_layers:
+        raise UserError(
+            "--use-bias adds biases to attention and dense-MLP projections, but every block here has a TTT layer "
+            "and MoE experts, which take none; drop --use-bias"
+        )
     _positive(m.lora_rank, flags["lora_rank"])
     _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
     if m.use_lora:

@@ -40,6 +40,7 @@ def model_summary(model_cfg, vocab_size):
         use_rmsnorm=m.use_rmsnorm,
         use_swiglu=m.use_swiglu,
         tie_embeddings=m.tie_embeddings,
+        use_bias=m.use_bias,
         lora_rank=m.lora_rank if m.use_lora else 0,
         lora_targets=lora_targets(m),
         ttt_layer_type=ttt_kind(m),
@@ -69,6 +70,7 @@ def model_summary(model_cfg, vocab_size):
         "norm": "rmsnorm" if m.use_rmsnorm else "layernorm",
         "positions": "rope" if m.use_rope else "learned",
         "tie_embeddings": m.tie_embeddings,
+        "biases": m.use_bias,
         "dropout_rate": m.dropout_rate,
         "lora": {"rank": m.lora_rank, "alpha": m.lora_alpha or m.lora_rank, "targets": list(lora_targets(m))}
         if m.use_lora
@@ -236,7 +238,8 @@ def format_plan(plan, layout_rules=False):
         + f", {a['num_layers']} layers, d_model {a['d_model']}, {a['num_heads']} heads"
         + (f" ({a['num_kv_heads']} kv)" if a["num_kv_heads"] != a["num_heads"] else "")
         + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
-        f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
+        + ("biases, " if a.get("biases") else "")
+        + f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
         + (f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} of {a['num_layers']} blocks "
            f"(mini-batch {a['ttt']['mini_batch_size']}, {a['ttt']['backbone']} backbone"
            f"{', state passing' if a['ttt']['state_passing'] else ''})" if a.get("ttt") else "")
