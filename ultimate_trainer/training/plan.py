@@ -106,8 +106,10 @@ def model_summary(model_cfg, vocab_size):
 def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     """Everything a run will do, as plain data (what `--dry-run --json` prints).
 
-    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`; `data_parallel`
-    devices each take --batch-size sequences of every micro-batch.
+    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`, or for a dry run
+    whose data cannot be read here an `UnreadInputs`, whose unknown counts stay
+    None in the plan; `data_parallel` devices each take --batch-size sequences
+    of every micro-batch.
     """
     m, t = cfg.model, cfg.training
     architecture, params, flops = model_summary(m, tokenizer.vocab_size)
@@ -117,7 +119,8 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     micro_batch = t.batch_size * data_parallel
     sequences_per_step = micro_batch * t.gradient_accumulation_steps
     tokens_per_step = sequences_per_step * m.seq_len
-    steps_per_epoch = windows_per_epoch // sequences_per_step
+    unread = windows_per_epoch is None
+    steps_per_epoch = None if unread else windows_per_epoch // sequences_per_step
     val_windows = inputs.val_windows
     if val_windows == 0:
         raise UserError(
@@ -126,7 +129,7 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
         )
     notes = []
     eval_batch = micro_batch
-    if data_parallel > 1 and val_windows < micro_batch:
+    if data_parallel > 1 and not unread and val_windows < micro_batch:
         # A smaller validation batch that still fills every device equally.
         eval_batch = val_windows // data_parallel * data_parallel
         if eval_batch == 0 and cfg.output.eval_enabled:
@@ -136,14 +139,21 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             )
         notes.append(f"validation batches of {eval_batch} (the {val_windows} validation windows hold less than "
                      f"one training micro-batch of {micro_batch})")
-    eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
-        if eval_batch else 0
+    if unread:
+        eval_batches = cfg.output.eval_steps  # None: the whole validation set, size unknown
+        planned = tokenizer.describe().get("planned")
+        notes.append(f"not read here: {inputs.source}, as {inputs.reason}; its token, record and window counts "
+                     f"are unknown" + (f", and the tokenizer is {planned}" if planned else ""))
+    else:
+        eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
+            if eval_batch else 0
 
     if getattr(inputs, "rows", None):
+        per_row = "" if unread else f", {inputs.windows_per_row:,} windows per epoch"
         notes.append(
             f"--state-passing: each of the {inputs.rows} batch rows reads its own contiguous stream of the training "
-            f"data, {inputs.windows_per_row:,} windows per epoch, in order (not shuffled); TTT states carry over "
-            f"between its windows and restart with each epoch"
+            f"data{per_row}, in order (not shuffled); TTT states carry over between its windows and restart with "
+            f"each epoch"
         )
     if t.max_steps:
         total_steps = t.max_steps
@@ -153,6 +163,11 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
         rule = (
             f"--total-tokens {t.total_tokens:,} / ({micro_batch} batch x "
             f"{t.gradient_accumulation_steps} accumulation x {m.seq_len} seq_len) = {total_steps:,} steps"
+        )
+    elif unread:
+        raise UserError(
+            f"--dry-run: {inputs.source} cannot be read here, as {inputs.reason}, so the steps of --epochs "
+            f"{t.epochs} are unknown; add --max-steps N or --total-tokens N to plan the run"
         )
     else:
         if steps_per_epoch == 0:
@@ -232,6 +247,13 @@ def _sizing(model_cfg, total):
 def format_plan(plan, layout_rules=False):
     """Human-readable lines for a plan (`layout_rules`: also each rule of the layout map)."""
     a, p, d, s = plan["architecture"], plan["parameters"], plan["data"], plan["schedule"]
+    if d["kind"] == "unread":
+        data_line = (f"data: {d['source']}, not read here ({d['tokenizer']['kind']} tokenizer, vocab "
+                     f"{d['tokenizer']['vocab_size']:,})")
+    else:
+        data_line = (f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
+                     f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens "
+                     f"({d['tokenizer']['kind']} tokenizer)")
     lines = [
         f"model: {a['block_style']} decoder"
         + (f" (preset {a['preset']})" if a["preset"] else "")
@@ -251,8 +273,7 @@ def format_plan(plan, layout_rules=False):
         + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else "")
         + (f"; {p['active']:,} active per token ({p['active'] - p['embedding']:,} non-embedding)"
            if a.get("moe") else ""),
-        f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
-        f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens ({d['tokenizer']['kind']} tokenizer)",
+        data_line,
         f"steps: {s['rule']} -> {s['total_steps']:,} steps of {s['tokens_per_step']:,} tokens = "
         f"{s['total_tokens']:,} tokens, {s['total_flops'] / 1e12:,.1f} TFLOP "
         f"({plan['flops_per_token'] / 1e6:,.1f} MFLOP/token)",
