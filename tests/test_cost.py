@@ -102,10 +102,10 @@ def test_chinchilla_fit():
 
 
 def test_without_a_budget_the_run_is_priced_at_chinchilla_tokens():
-    report = cost.estimate(resolve_config({"run.recipe": "llama-1.36b"}))
-    b = report["budget"]
-    assert b["source"].startswith("Chinchilla-optimal") and b["tokens"] >= 20 * 1_294_159_104
-    assert b["tokens"] - 20 * 1_294_159_104 < b["tokens_per_step"]  # whole steps, rounded up
+    report = cost.estimate(resolve_config({"model.model_preset": "small", "model.seq_len": 2048}))
+    b, n = report["budget"], report["parameters"]["total"]
+    assert b["source"].startswith("Chinchilla-optimal") and b["tokens"] >= 20 * n
+    assert b["tokens"] - 20 * n < b["tokens_per_step"]  # whole steps, rounded up
 
 
 @pytest.mark.parametrize("name, tokens, stated", [
@@ -120,12 +120,12 @@ def test_ttt_recipe_token_budgets(name, tokens, stated):
 
 
 # Exact counts against the stated sizes. The 1.36B recipes state 1.29B and 1.41B: the formula agrees to
-# the 3 digits stated (+0.32%, -0.36%); "1.36B" names the comparison, the midpoint of the two models.
+# the 3 digits stated (+0.32%, -0.33%); "1.36B" names the comparison, the midpoint of the two models.
 # The TTT recipes are named after the paper's size classes, which follow Mamba's/GPT-3's table; their
 # exact counts with tied embeddings (the TTT code's default) differ from the names: 125m -11.8%,
 # 350m -3.6%, 760m -3.6%, and ttt-1b is the paper's "1.3B" shape (GPT-3 XL: d 2048, 24 layers), -1.2%.
 @pytest.mark.parametrize("name, exact, stated", [
-    ("llama-1.36b", 1_294_159_104, 1.29e9), ("gpt2-1.36b", 1_404_944_512, 1.41e9),
+    ("llama-1.36b", 1_294_159_104, 1.29e9), ("gpt2-1.36b", 1_405_338_496, 1.41e9),
     ("ttt-125m", 110_276_688, 125e6), ("ttt-350m", 337_291_008, 350e6), ("ttt-760m", 733_018_368, 760e6),
     ("ttt-1b", 1_284_852_864, 1.3e9),
 ])
@@ -133,7 +133,7 @@ def test_recipe_parameter_counts_against_their_stated_sizes(name, exact, stated)
     report = cost.estimate(resolve_config({"run.recipe": name}))
     assert report["parameters"]["total"] == exact
     deviation = exact / stated - 1
-    documented = {"llama-1.36b": 0.0032, "gpt2-1.36b": -0.0036, "ttt-125m": -0.118, "ttt-350m": -0.036,
+    documented = {"llama-1.36b": 0.0032, "gpt2-1.36b": -0.0033, "ttt-125m": -0.118, "ttt-350m": -0.036,
                   "ttt-760m": -0.036, "ttt-1b": -0.012}[name]
     assert deviation == pytest.approx(documented, abs=5e-4)
 
@@ -266,7 +266,8 @@ def test_recipes_listing():
 def test_recipes_command(capsys):
     assert main(["recipes", "--device-type", "h100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "ttt-125m" in out and "h100-hours at 50% MFU" in out and "* the recipe sets no token budget" in out
+    assert "ttt-125m" in out and "h100-hours at 50% MFU" in out
+    assert "* the recipe sets no token budget" not in out  # every shipped recipe states its budget
     assert "precision" in out and "bfloat16" in out and "float32" not in out
     assert main(["recipes", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 GUIDES = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
 # What a guide's commands may use from the repository (no outputs, caches or VCS data).
-COPIED = ("ultimate_trainer", "tools", "presets", "configs", "docs", "README.md", "setup.cfg", "pyproject.toml")
+COPIED = ("ultimate_trainer", "tools", "configs", "docs", "README.md", "setup.cfg", "pyproject.toml")
 MARKER = "docs-test"
 SKIP = re.compile(r"^<!-- docs-test: skip \((?P<reason>.*\S.*)\) -->$")
 FENCE = re.compile(r"^```(\w*)\s*$")

@@ -48,6 +48,7 @@ mixed_precision:
 wandb:
   enabled: false
   project: demo
+  entity: my-team
 """
 
 EQUIVALENT_FLAGS = {
@@ -70,6 +71,33 @@ def test_guide_yaml_resolves_like_the_equivalent_flags(tmp_path):
     from_yaml["run"]["config"] = None
     assert from_yaml == from_flags
     assert from_yaml["output"]["wandb_project"] is None, "wandb.enabled: false turns W&B off"
+    assert from_yaml["output"]["wandb_entity"] is None
+
+
+def test_every_key_of_the_guides_config_lands_in_a_setting(tmp_path):
+    """configs/production_training.yaml has the guide's shape; with W&B on and the guide's entity key,
+    every value lands in the resolved config: none is dropped or ignored."""
+    import yaml
+
+    from ultimate_trainer.config import load_recipe
+
+    guide = yaml.safe_load((REPO / "configs" / "production_training.yaml").read_text())
+    guide["wandb"].update(enabled=True, entity="my-team")
+    recipe = tmp_path / "guide.yaml"
+    recipe.write_text(yaml.safe_dump(guide))
+    resolved = resolve_config({"run.config": str(recipe)}).to_dict()
+    values = load_recipe(recipe)
+    leaves = [f"{section}.{key}" for section, keys in guide.items() for key in keys]
+    assert len(values) == len(leaves) - 1  # wandb.enabled switches W&B on; it is no value of its own
+    assert values["output.wandb_entity"] == "my-team" and values["output.wandb_project"] == "ultimate-trainer-moe"
+    for key, value in values.items():
+        section, name = key.split(".")
+        assert resolved[section][name] == (10**10 if name == "total_tokens" else value), key
+
+
+def test_wandb_entity_needs_a_project():
+    with pytest.raises(UserError, match="--wandb-entity names a W&B entity; add --wandb-project PROJECT"):
+        resolve_config({"output.wandb_entity": "my-team"})
 
 
 @pytest.mark.parametrize("text, message", [
@@ -114,7 +142,7 @@ def test_muon_takes_weight_decay():
     ("moe-500m", 768, 12, 530_541_312), ("moe-1b", 1024, 16, 938_116_096), ("moe-1.5b", 1536, 20, 1_514_190_336),
 ])
 def test_moe_recipes(name, d_model, layers, total):
-    path = REPO / "presets" / f"{name}.yaml"
+    path = REPO / "ultimate_trainer" / "presets" / f"{name}.yaml"
     cfg = resolve_config({"run.config": str(path)})
     m, t = cfg.model, cfg.training
     assert (m.d_model, m.num_layers, m.num_experts, m.experts_top_k) == (d_model, layers, 8, 2)
@@ -124,7 +152,7 @@ def test_moe_recipes(name, d_model, layers, total):
                                  num_experts=8, experts_top_k=2)
     assert counts.total == total and f"{total:,}" in path.read_text() and f"{counts.active:,}" in path.read_text()
     assert t.total_tokens // (t.batch_size * t.gradient_accumulation_steps * m.seq_len) == 9536
-    assert (REPO / "configs" / "production_training.yaml").resolve() == (REPO / "presets" / "moe-500m.yaml")
+    assert (REPO / "configs" / "production_training.yaml").resolve() == path.parent / "moe-500m.yaml"
 
 
 def test_bf16_falls_back_where_the_gpu_lacks_it(monkeypatch):

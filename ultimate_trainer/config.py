@@ -100,6 +100,7 @@ class ModelConfig:
     use_rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
     flash_attention: bool = _opt(True, "Force the plain attention kernel (flash is used automatically where supported).", flag="--no-flash-attention")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the LM head.")
+    use_bias: bool = _opt(False, "Add biases to the attention and MLP projections, as GPT-2 has (LLaMA has none); TTT layers and MoE experts take none.")
     use_lora: bool = _opt(False, "Train LoRA adapters only; every other weight is frozen.")
     lora_rank: int = _opt(8, "LoRA rank.")
     lora_alpha: float = _opt(None, "LoRA scale numerator: updates are scaled by alpha / rank (default: the rank).", type=float)
@@ -186,6 +187,7 @@ class OutputConfig:
     sample_tokens: int = _opt(200, "Tokens sampled from the trained model for each of the end-of-run samples (samples.txt); 0 writes none.")
     wandb_project: str = _opt(None, "Log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works without network).", type=str)
     wandb_run_name: str = _opt(None, "W&B run name (default: the output dir's name).", type=str)
+    wandb_entity: str = _opt(None, "W&B entity (team or user) that owns the project (default: your W&B default entity).", type=str)
 
 
 @dataclasses.dataclass
@@ -299,6 +301,7 @@ RECIPE_KEYS = {
     "wandb.project": "output.wandb_project",
     "wandb.run_name": "output.wandb_run_name",
     "wandb.name": "output.wandb_run_name",
+    "wandb.entity": "output.wandb_entity",
     "wandb.enabled": None,  # false: drop the section's settings; true: needs wandb.project
 }
 
@@ -317,7 +320,7 @@ def load_recipe(path):
     if not p.is_file():
         raise UserError(
             f"--config {path}: no such file; pass the path of a YAML recipe "
-            f"(see presets/ for examples)"
+            f"(`ultimate-trainer recipes` lists the shipped ones, which --recipe NAME runs)"
         )
     try:
         data = yaml.safe_load(p.read_text()) or {}
@@ -359,7 +362,7 @@ def load_recipe(path):
         else:
             unknown(key, list(index) + list(sections) + sorted(guide_sections))
     if wandb_enabled is False:
-        for name in ("output.wandb_project", "output.wandb_run_name"):
+        for name in ("output.wandb_project", "output.wandb_run_name", "output.wandb_entity"):
             out.pop(name, None)
     elif wandb_enabled is not None and not out.get("output.wandb_project"):
         raise UserError(f"--config {path}: `wandb.enabled: {wandb_enabled}` needs `wandb.project: NAME`")
@@ -381,11 +384,19 @@ def _coerce(f, value, source):
         raise UserError(f"{source}: `{f.name}` must be {kind.__name__}, got {value!r}") from None
 
 
+# Where the training text comes from, and what only means something with one of them.
+SOURCE_KEYS = ("data.data_dir", "data.dataset_id", "data.data_files")
+SOURCE_SETTINGS = ("data.dataset_config", "data.split", "data.val_split")
+
+
 def resolve_config(cli_values, recipe_path=None):
     """Builds a validated `Config` from {"section.field": value} flags.
 
     `cli_values` holds only what the user typed; `recipe_path` (or the
-    `run.config` value) names a YAML recipe that the flags override.
+    `run.config` value) names a YAML recipe that the flags override. A data
+    source among the flags (--data-dir, --dataset-id, --data-files) replaces
+    the recipe's source and its split settings (and, when the recipe reads
+    shards, the vocab size it states for them).
     """
     recipe_path = recipe_path or cli_values.get("run.config")
     if cli_values.get("run.recipe"):
@@ -397,7 +408,13 @@ def resolve_config(cli_values, recipe_path=None):
     merged = {}
     if recipe_path:
         index = _field_index()
-        for key, value in load_recipe(recipe_path).items():
+        recipe = load_recipe(recipe_path)
+        if any(key in cli_values for key in SOURCE_KEYS):
+            # A source typed on the command line replaces the recipe's, with the settings tied to it
+            # (with --data-dir, --vocab-size states the size of the shards' tokenizer).
+            tied = SOURCE_KEYS + SOURCE_SETTINGS + (("tokenizer.vocab_size",) if "data.data_dir" in recipe else ())
+            recipe = {k: v for k, v in recipe.items() if k not in tied}
+        for key, value in recipe.items():
             merged[key] = _coerce(index[key.split(".", 1)[1]][1], value, f"--config {recipe_path}")
     merged.update(cli_values)
 
@@ -432,7 +449,7 @@ def _apply_preset(cfg):
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UserError(
             f"unknown --model-preset {preset!r}{hint}; choose one of "
-            f"{', '.join(sizing.SIZE_PRESETS)}, or use --config presets/<recipe>.yaml"
+            f"{', '.join(sizing.SIZE_PRESETS)}, or a shipped recipe with --recipe NAME"
         )
     if "model.target_params" in cfg.explicit and cfg.model.target_params is not None:
         raise UserError(
@@ -491,6 +508,30 @@ def sized_for_vocab(cfg, vocab_size):
     return dataclasses.replace(cfg, model=model)
 
 
+def planned_vocab_size(cfg):
+    """The vocab size of a run, known before its data is read (`vocab_size_of`),
+    where --data-dir gives it: the shards' tokenizer, or, before the shards
+    exist, --vocab-size (a recipe states the size of the tokenizer its shards
+    are made with).
+
+    Example:
+        planned_vocab_size(resolve_config({"run.recipe": "llama-1.36b"}))  # 32000
+    """
+    d = cfg.data.data_dir
+    if d is None or cfg.tokenizer.tokenizer_path:
+        return vocab_size_of(cfg.tokenizer)
+    from ultimate_trainer.data import shards
+
+    if shards.has_meta(d):
+        return shards.read_meta(d)["tokenizer"]["vocab_size"]
+    if "tokenizer.vocab_size" in cfg.explicit:
+        return cfg.tokenizer.vocab_size
+    raise UserError(
+        f"--data-dir {d} holds no prepared shards yet, so the vocab size is unknown; make them with "
+        f"`ultimate-trainer prepare-data --data-dir {d}`, or pass --vocab-size N (the size of their tokenizer)"
+    )
+
+
 def _apply_target_params(cfg):
     m = cfg.model
     if m.target_params is None:
@@ -504,7 +545,7 @@ def _apply_target_params(cfg):
         raise UserError(f"--target-params chooses {flag} itself; drop {flag} or drop --target-params")
     if target_params_pending(cfg):
         return  # sized once the tokenizer has chosen its vocab (sized_for_vocab)
-    for name, value in _solve_target(m, vocab_size_of(cfg.tokenizer)).items():
+    for name, value in _solve_target(m, planned_vocab_size(cfg)).items():
         setattr(m, name, value)
 
 
@@ -512,7 +553,7 @@ def _solve_target(m, vocab):
     """{d_model, num_layers, num_heads, d_ff} for --target-params at `vocab`."""
     solution = sizing.solve_target_params(
         m.target_params, vocab, m.seq_len, use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm,
-        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth,
+        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth, use_bias=m.use_bias,
     )
     if solution is None:
         embedding = sizing.count_params(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
@@ -572,6 +613,12 @@ def validate(cfg):
 
     _validate_ttt(m, cfg.explicit, flags, cfg.loader)
     _validate_moe(m, cfg.explicit, flags)
+    if m.use_bias and len(set(sizing.ttt_block_indices(m.num_layers, m.ttt_layer_type, m.ttt_layers)) &
+                          set(sizing.moe_block_indices(m.num_layers, m.num_experts, m.moe_every))) == m.num_layers:
+        raise UserError(
+            "--use-bias adds biases to attention and dense-MLP projections, but every block here has a TTT layer "
+            "and MoE experts, which take none; drop --use-bias"
+        )
     _positive(m.lora_rank, flags["lora_rank"])
     _positive(m.lora_alpha, flags["lora_alpha"], allow_none=True)
     if m.use_lora:
@@ -618,8 +665,9 @@ def validate(cfg):
         raise UserError(
             f"--wandb-project {cfg.output.wandb_project} needs the wandb package; pip install wandb, or drop the flag"
         )
-    if cfg.output.wandb_run_name and not cfg.output.wandb_project:
-        raise UserError("--wandb-run-name names a W&B run; add --wandb-project PROJECT")
+    for name, what in (("wandb_run_name", "run"), ("wandb_entity", "entity")):
+        if getattr(cfg.output, name) and not cfg.output.wandb_project:
+            raise UserError(f"{flags[name]} names a W&B {what}; add --wandb-project PROJECT")
     if o.allow_changed_config is not None:
         if not o.resume_from:
             raise UserError("--allow-changed-config applies to --resume-from; add it, or drop --allow-changed-config")
@@ -644,9 +692,11 @@ def validate(cfg):
             raise UserError(
                 "--shuffle-buffer-size applies to streaming; shards (--data-dir) are shuffled over the whole epoch"
             )
+        # --vocab-size states the size of the shards' tokenizer (checked when they are read).
         source_flags = [
             k for k in cfg.explicit
-            if k.startswith(("data.", "tokenizer.")) and k not in ("data.data_dir", "tokenizer.tokenizer_path")
+            if k.startswith(("data.", "tokenizer."))
+            and k not in ("data.data_dir", "tokenizer.tokenizer_path", "tokenizer.vocab_size")
         ]
         if source_flags:
             name = source_flags[0].split(".", 1)[1]
@@ -654,11 +704,7 @@ def validate(cfg):
                 f"--{name.replace('_', '-')} does not apply with --data-dir: the shards already hold their "
                 f"tokenized data and tokenizer; pass such flags to `prepare-data` instead"
             )
-        if not Path(cfg.data.data_dir).is_dir():
-            raise UserError(
-                f"--data-dir {cfg.data.data_dir}: no such directory; make it with "
-                f"`ultimate-trainer prepare-data --data-dir {cfg.data.data_dir}`"
-            )
+        # Whether the shards exist is checked when they are read: `cost`, `recipes` and a dry run plan without them.
     if not loader.use_streaming and cfg.data.data_dir is None:
         raise UserError(
             "--no-use-streaming reads pre-tokenized shards: add --data-dir DIR "
@@ -684,7 +730,11 @@ def validate(cfg):
     if not 0 < d.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
     _validate_data(cfg.data, cfg.explicit, flags)
-    _validate_tokenizer(cfg.tokenizer, cfg.explicit, flags)
+    if d.data_dir is not None and "tokenizer.vocab_size" in cfg.explicit:
+        _positive(cfg.tokenizer.vocab_size, flags["vocab_size"])
+        _validate_tokenizer(cfg.tokenizer, cfg.explicit - {"tokenizer.vocab_size"}, flags)
+    else:
+        _validate_tokenizer(cfg.tokenizer, cfg.explicit, flags)
     if cfg.run.json and not (cfg.run.dry_run or cfg.run.eval_only):
         raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
     if cfg.run.eval_only and not (m.init_from or o.resume_from):

@@ -40,14 +40,14 @@ COST_FIELDS = frozenset(
     [f"model.{name}" for name in (
         "model_preset", "target_params", "prefer_depth", "d_model", "num_layers", "num_heads", "num_kv_heads",
         "d_ff", "seq_len", "dropout_rate", "activation", "use_rmsnorm", "use_swiglu", "use_rope",
-        "flash_attention", "tie_embeddings", "use_lora", "lora_rank", "lora_targets", "ttt_layer_type",
+        "flash_attention", "tie_embeddings", "use_bias", "use_lora", "lora_rank", "lora_targets", "ttt_layer_type",
         "ttt_layers", "ttt_mini_batch_size", "ttt_use_gate", "ttt_share_qk", "ttt_backbone", "num_experts",
         "experts_top_k", "moe_every", "capacity_factor")]
     + [f"tokenizer.{name}" for name in ("tokenizer", "vocab_size", "tokenizer_path", "auto_vocab_size")]
     + [f"training.{name}" for name in (
         "epochs", "batch_size", "gradient_accumulation_steps", "global_batch_size", "device_batch_sizes",
         "max_steps", "total_tokens", "optimizer", "peak_flops")]
-    + ["optimization.use_mixed_precision", "run.config", "run.recipe"]
+    + ["optimization.use_mixed_precision", "run.config", "run.recipe", "data.data_dir"]  # shards: their vocab
 )
 
 
@@ -341,7 +341,7 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
         raise UserError("--epochs: a run's length in epochs depends on its data, which cost does not read; "
                         "give --total-tokens N or --max-steps N")
     m = cfg.model
-    vocab = config_lib.vocab_size_of(cfg.tokenizer)
+    vocab = config_lib.planned_vocab_size(cfg)
     architecture, params, flops = model_summary(m, vocab)
     split = flops_split(m, vocab, params)
     assert sum(split.values()) == flops, (split, flops)  # the split must add up to what training logs

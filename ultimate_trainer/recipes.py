@@ -1,8 +1,9 @@
-"""The shipped recipes: YAML files in `presets/`, found by name.
+"""The shipped recipes: YAML files in `ultimate_trainer/presets/`, found by name.
 
-`ultimate-trainer train --recipe ttt-125m` is `--config presets/ttt-125m.yaml`;
-`ultimate-trainer recipes` lists them with their size and cost (`cost.py`).
-Nothing here imports keras.
+They are package data (setup.cfg), so `--recipe NAME` works from any install,
+not only a checkout. `ultimate-trainer train --recipe ttt-125m` is
+`--config <package>/presets/ttt-125m.yaml`; `ultimate-trainer recipes` lists
+them with their size and cost (`cost.py`). Nothing here imports keras.
 
 Example:
     >>> recipe_path("ttt-125m").name
@@ -14,8 +15,7 @@ from pathlib import Path
 
 from ultimate_trainer.errors import UserError
 
-# presets/ sits beside the package in the repository (and in an editable install).
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def recipe_names():
@@ -32,8 +32,8 @@ def recipe_path(name):
         return PRESETS_DIR / f"{name}.yaml"
     if not names:
         raise UserError(
-            f"--recipe {name}: no recipes found in {PRESETS_DIR} (they ship with the repository); "
-            f"pass a YAML file with --config instead"
+            f"--recipe {name}: no recipes found in {PRESETS_DIR} (this install lacks the package data; "
+            f"reinstall ultimate_trainer); pass a YAML file with --config instead"
         )
     near = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]}?" if near else ""

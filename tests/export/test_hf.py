@@ -60,6 +60,9 @@ STYLES = {
     "llama_gqa": (dict(num_kv_heads=2), "LlamaForCausalLM"),
     "gpt2_untied": (GPT2, "GPT2LMHeadModel"),
     "gpt2_tied": (dict(GPT2, tie_embeddings=True), "GPT2LMHeadModel"),
+    # GPT-2 itself: biases in every projection (the gpt2-1.36b recipe), tied
+    "gpt2_biased": (dict(GPT2, use_bias=True, tie_embeddings=True), "GPT2LMHeadModel"),
+    "llama_biased": (dict(use_bias=True, num_kv_heads=2), "LlamaForCausalLM"),
 }
 
 
@@ -80,6 +83,12 @@ def test_exported_logits_match(style, tmp_path):
     assert (head.data_ptr() == embedding.data_ptr()) == config.tie_word_embeddings
     if architecture == "LlamaForCausalLM":
         assert config.num_key_value_heads == kwargs.get("num_kv_heads", 4)
+        assert config.attention_bias == config.mlp_bias == bool(kwargs.get("use_bias"))
+    else:
+        assert config.activation_function == "gelu_new"  # GPT-2's tanh approximation, as ours
+    if kwargs.get("use_bias"):  # the biases are random, so the logit match covers their mapping
+        assert all(np.abs(keras.ops.convert_to_numpy(w)).max() > 0.1 for w in model.weights
+                   if w.path.endswith("/bias"))
     # The logits are non-trivial: random weights give spread, not a constant row.
     assert np.std(keras.ops.convert_to_numpy(model(np.zeros((1, 16), "int32")))) > 0.1
 

@@ -38,10 +38,10 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
-def causal_attention(x, w_qkv, w_out, num_heads, num_kv_heads, use_rope=True):
+def causal_attention(x, w_qkv, w_out, num_heads, num_kv_heads, use_rope=True, b_qkv=0.0, b_out=0.0):
     b, t, d = x.shape
     hd = d // num_heads
-    qkv = x @ w_qkv
+    qkv = x @ w_qkv + b_qkv
     q = qkv[..., : num_heads * hd].reshape(b, t, num_heads, hd)
     k = qkv[..., num_heads * hd : (num_heads + num_kv_heads) * hd].reshape(b, t, num_kv_heads, hd)
     v = qkv[..., (num_heads + num_kv_heads) * hd :].reshape(b, t, num_kv_heads, hd)
@@ -54,14 +54,14 @@ def causal_attention(x, w_qkv, w_out, num_heads, num_kv_heads, use_rope=True):
     mask = np.tril(np.ones((t, t), bool))
     scores = np.where(mask, scores, -np.inf)
     y = np.einsum("bhqk,bkhd->bqhd", softmax(scores), v).reshape(b, t, d)
-    return y @ w_out
+    return y @ w_out + b_out
 
 
-def feed_forward(x, w_up, w_down, use_swiglu=True, activation="gelu"):
-    h = x @ w_up
+def feed_forward(x, w_up, w_down, use_swiglu=True, activation="gelu", b_up=0.0, b_down=0.0):
+    h = x @ w_up + b_up
     if use_swiglu:
         gate, up = np.split(h, 2, axis=-1)
         h = silu(gate) * up
     else:
         h = {"gelu": gelu_tanh, "relu": lambda a: np.maximum(a, 0), "silu": silu}[activation](h)
-    return h @ w_down
+    return h @ w_down + b_down

@@ -46,6 +46,47 @@ def test_feed_forward_matches_numpy(use_swiglu, activation):
     np.testing.assert_allclose(_np(layer(x)), expected, atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("use_swiglu", [True, False])
+def test_biased_projections_match_numpy(use_swiglu):
+    """`use_bias` (GPT-2): every projection adds its bias; random biases, not the zero init."""
+    x = _rand(2, 6, 32)
+    attention = CausalSelfAttention(num_heads=4, head_dim=8, use_rope=False, use_bias=True)
+    mlp = FeedForward(hidden_dim=40, use_swiglu=use_swiglu, use_bias=True)
+    for i, layer in enumerate((attention, mlp)):
+        layer.build(x.shape)
+        for j, w in enumerate(layer.weights):
+            w.assign(_rand(*w.shape, seed=20 + 10 * i + j) * 0.3)
+    assert [w.path.rsplit("/", 2)[-2:] for w in mlp.weights] == [
+        ["gate_up" if use_swiglu else "up", "kernel"], ["gate_up" if use_swiglu else "up", "bias"],
+        ["down", "kernel"], ["down", "bias"]]
+    x64 = x.astype("float64")
+    a, m = attention, mlp
+    expected = ref.causal_attention(x64, _np(a.qkv.kernel), _np(a.out.kernel), 4, 4, False,
+                                    _np(a.qkv.bias), _np(a.out.bias))
+    np.testing.assert_allclose(_np(attention(x)), expected, atol=ATOL, rtol=1e-4)
+    expected = ref.feed_forward(x64, _np(m.up.kernel), _np(m.down.kernel), use_swiglu, "gelu",
+                                _np(m.up.bias), _np(m.down.bias))
+    np.testing.assert_allclose(_np(mlp(x)), expected, atol=ATOL, rtol=1e-4)
+
+
+def test_biases_start_at_zero_and_only_where_asked():
+    biased = _small_lm(use_bias=True, use_rope=False, use_rmsnorm=False, use_swiglu=False)
+    dense_biases = [w for w in biased.weights if w.path.endswith("/bias")]
+    assert {w.path.split("/", 2)[-1] for w in dense_biases} == {
+        "attention/qkv/bias", "attention/out/bias", "mlp/up/bias", "mlp/down/bias"}
+    assert all(not _np(w).any() for w in dense_biases)
+    assert not [w for w in _small_lm(use_rmsnorm=False).weights if w.path.endswith("/bias")]
+
+
+def test_every_biased_weight_has_a_layout_rule():
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), ["cpu:0"])  # a layout map needs no devices
+    layout_map = CausalLM.get_layout_map(mesh, fsdp=True)
+    model = _small_lm(use_bias=True, use_rope=False, use_rmsnorm=False, use_swiglu=False)
+    assert [w.path for w in model.weights if layout_map[w.path] is None] == []
+    assert layout_map["causal_lm/block_0/attention/qkv/bias"].axes == ("model",)
+    assert layout_map["causal_lm/block_0/mlp/down/bias"].axes == ()
+
+
 @pytest.mark.parametrize("use_rmsnorm", [True, False])
 def test_block_matches_numpy(use_rmsnorm):
     x = _rand(1, 7, 32)
@@ -78,7 +119,7 @@ def _small_lm(**kwargs):
 
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_causality_changing_token_t_changes_no_earlier_logits(style):
-    kwargs = {} if style == "llama" else dict(use_rope=False, use_rmsnorm=False, use_swiglu=False)
+    kwargs = {} if style == "llama" else dict(use_rope=False, use_rmsnorm=False, use_swiglu=False, use_bias=True)
     model = _small_lm(**kwargs)
     tokens = np.random.default_rng(0).integers(0, 50, (1, 16)).astype("int32")
     changed = tokens.copy()
@@ -112,14 +153,17 @@ def test_residual_projections_use_scaled_init():
     CausalSelfAttention(num_heads=2, head_dim=8, num_kv_heads=1, use_rope=False, flash_attention=False),
     FeedForward(hidden_dim=12, use_swiglu=False, activation="relu"),
     TransformerBlock(num_heads=2, head_dim=8, d_ff=12, use_rmsnorm=False, dropout_rate=0.1),
+    TransformerBlock(num_heads=2, head_dim=8, d_ff=12, use_bias=True),
 ])
 def test_layer_config_round_trip(layer):
     clone = layer.__class__.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
 
 
-def test_model_config_round_trip_and_keras_save(tmp_path):
-    model = _small_lm(num_kv_heads=2, tie_embeddings=True)
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_model_config_round_trip_and_keras_save(tmp_path, use_bias):
+    model = _small_lm(num_kv_heads=2, tie_embeddings=True, use_bias=use_bias)
+    assert model.get_config()["use_bias"] is use_bias
     clone = CausalLM.from_config(model.get_config())
     assert clone.get_config() == model.get_config()
     x = np.arange(16, dtype="int32")[None]

@@ -6,8 +6,9 @@ import pytest
 
 from ultimate_trainer.config import load_recipe
 from ultimate_trainer.models import sizing
+from ultimate_trainer.recipes import PRESETS_DIR as PRESETS
 
-PRESETS = Path(__file__).resolve().parents[2] / "presets"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _count(name):
@@ -16,12 +17,13 @@ def _count(name):
         values["vocab_size"], values["d_model"], values["num_layers"], values["num_heads"], values["d_ff"],
         values["seq_len"], use_rope=values.get("use_rope", True), use_rmsnorm=values.get("use_rmsnorm", True),
         use_swiglu=values.get("use_swiglu", True), tie_embeddings=values.get("tie_embeddings", False),
+        use_bias=values.get("use_bias", False),
     )
 
 
 @pytest.mark.parametrize("name,exact,stated", [
     ("llama-1.36b", 1_294_159_104, 1.29e9),
-    ("gpt2-1.36b", 1_404_944_512, 1.41e9),
+    ("gpt2-1.36b", 1_405_338_496, 1.41e9),
 ])
 def test_recipe_parameter_counts(name, exact, stated):
     counts = _count(name)
@@ -31,13 +33,37 @@ def test_recipe_parameter_counts(name, exact, stated):
 
 
 def test_models_doc_preset_table_matches_the_formula():
-    doc = (PRESETS.parent / "docs" / "models.md").read_text()
+    doc = (REPO / "docs" / "models.md").read_text()
     for name, (d, layers, heads, d_ff) in sizing.SIZE_PRESETS.items():
         byte = sizing.count_params(258, d, layers, heads, d_ff, 256)
         vocab32k = sizing.count_params(32000, d, layers, heads, d_ff, 256)
         row = (f"| {name} | {d} | {layers} | {heads} | {d_ff} | {byte.total:,} | {byte.non_embedding:,} | "
                f"{vocab32k.total:,} |")
         assert row in doc, row
+
+
+def test_the_136b_pair_differs_in_the_block_only():
+    """The comparison's settings (the project's config): same data, batch, budget and optimizer on both sides;
+    the GPT-2 side is GPT-2's block: learned positions, LayerNorm, GELU, biases, tied embeddings."""
+    from ultimate_trainer.config import resolve_config
+
+    llama, gpt2 = (resolve_config({"run.recipe": name}) for name in ("llama-1.36b", "gpt2-1.36b"))
+    for cfg, data_dir in ((llama, "data/slimpajama_6b_llama"), (gpt2, "data/slimpajama_6b_gpt2")):
+        t = cfg.training
+        assert cfg.data.data_dir == data_dir and cfg.data.dataset_id is None  # .bin shards from prepare-data
+        assert (t.global_batch_size, t.batch_size, t.max_steps, t.warmup_steps) == (512, 8, 25000, 2000)
+        assert (t.learning_rate, t.min_lr_ratio, t.weight_decay, t.grad_clip, t.optimizer) == (3e-4, 0.1, 0.1, 1.0,
+                                                                                                "adamw")
+        assert t.global_batch_size * t.max_steps * cfg.model.seq_len == 26_214_400_000
+        assert f"{26_214_400_000:,}" in (PRESETS / f"{cfg.run.recipe}.yaml").read_text()
+        assert cfg.optimization.use_mixed_precision and cfg.model.dropout_rate == 0.0
+        assert (cfg.output.eval_every, cfg.output.eval_steps, cfg.output.save_every) == (1000, 50, 1000)
+    assert llama.tokenizer.vocab_size == 32000 and gpt2.tokenizer.vocab_size == 50257
+    m = llama.model
+    assert (m.use_rope, m.use_rmsnorm, m.use_swiglu, m.use_bias, m.tie_embeddings) == (True, True, True, False, False)
+    m = gpt2.model
+    assert (m.use_rope, m.use_rmsnorm, m.use_swiglu, m.use_bias, m.tie_embeddings) == (False, False, False, True, True)
+    assert m.activation == "gelu"  # the tanh approximation: models/feed_forward.py, export's gelu_new
 
 
 @pytest.mark.parametrize("name, layers, stated_tokens", [
@@ -51,6 +77,10 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
     assert ttt_kind(m) == "linear" and m.num_layers == layers and m.seq_len == 2048
     assert t.batch_size * t.gradient_accumulation_steps == 256 and t.warmup_steps == t.max_steps // 10
     assert cfg.optimization.use_mixed_precision and t.weight_decay == 0.1 and t.lr_end == 1e-5
+    # The guide's --state_passing, milestones every 2K steps, and a validation set of a fixed, small size.
+    assert m.state_passing and cfg.loader.stride == 1
+    assert cfg.output.milestone_every == 2000 and cfg.output.eval_every == 500
+    assert cfg.data.val_split == "validation" and cfg.data.max_val_examples == 10000
     tokens = t.max_steps * 256 * 2048
     # The paper counts 2^19 tokens per step as "0.5M": its budgets are ours / 1.048576.
     assert tokens / 1.048576 == pytest.approx(stated_tokens, rel=1e-3)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 
 from ultimate_trainer.models import sizing
@@ -30,6 +31,28 @@ def test_formula_equals_count_params(dims, use_rope, use_rmsnorm, use_swiglu, ti
     counts = sizing.count_params(77, d_model, 3, heads, 80, 24, **kwargs)
     assert counts.total == model.count_params()
     assert counts.non_embedding + counts.embedding == counts.total
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(use_rope=False, use_rmsnorm=False, use_swiglu=False, tie_embeddings=True),  # GPT-2
+    dict(num_kv_heads=2),  # LLaMA blocks, grouped-query attention
+    dict(ttt_layers=[0], moe_every=2),  # a TTT block (dense MLP) and an MoE block (attention) of the 3
+])
+def test_formula_with_biases_equals_count_params(kwargs):
+    kwargs = dict(kwargs)
+    model_kwargs, formula_kwargs = dict(kwargs, use_bias=True), dict(kwargs, use_bias=True)
+    if "ttt_layers" in kwargs:
+        model_kwargs.update(ttt=dict(kind="linear", mini_batch_size=4), moe=dict(num_experts=4, top_k=2))
+        formula_kwargs.update(ttt_layer_type="linear", ttt_mini_batch_size=4, num_experts=4)
+    model = CausalLM(vocab_size=77, seq_len=24, d_model=64, num_layers=3, num_heads=4, d_ff=80, **model_kwargs)
+    model.build((None, 24))
+    biased = sizing.count_params(77, 64, 3, 4, 80, 24, **formula_kwargs)
+    assert biased.total == model.count_params()
+    plain = sizing.count_params(77, 64, 3, 4, 80, 24, **dict(formula_kwargs, use_bias=False))
+    # The biases the formula adds are exactly the Dense biases the model holds.
+    assert biased.total - plain.total == sum(int(np.prod(w.shape)) for w in model.weights
+                                             if w.path.endswith("/bias") and "ttt" not in w.path)
+    assert biased.total - biased.active == plain.total - plain.active  # experts take no bias
 
 
 def test_presets_are_exactly_the_published_table():

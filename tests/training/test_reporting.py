@@ -57,7 +57,8 @@ def test_wandb_keeps_one_run_id_per_output_dir(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", Recorder)
     reporting.MetricsSink(tmp_path, wandb_project="demo", config={"secret": "[redacted]"})
-    reporting.MetricsSink(tmp_path, wandb_project="demo")
+    reporting.MetricsSink(tmp_path, wandb_project="demo", wandb_entity="my-team")
     assert seen[0]["id"] == seen[1]["id"] and seen[0]["resume"] == "allow"
+    assert seen[0]["entity"] is None and seen[1]["entity"] == "my-team"  # --wandb-entity, the guide's wandb.entity
     assert seen[0]["name"] == tmp_path.name and seen[0]["config"] == {"secret": "[redacted]"}
     assert json.dumps(seen[0]["dir"]) and (tmp_path / reporting.WANDB_ID_FILE).read_text().strip() == seen[0]["id"]

@@ -5,7 +5,8 @@ datasets, the position to store in a checkpoint), so the plan and the
 trainer do not care which one they hold.
 """
 
-from ultimate_trainer.data import pipeline, shards
+from ultimate_trainer import config as config_lib
+from ultimate_trainer.data import pipeline, shards, sources, tokenizers
 from ultimate_trainer.errors import UserError
 
 
@@ -109,3 +110,76 @@ class ShardInputs:
             "val_records": self.meta["splits"]["val"]["documents"],
         }
 
+
+
+class UnreadInputs:
+    """The input of a dry run whose data cannot be read here: shards not
+    prepared yet, or a Hugging Face dataset without network. The windows are
+    known from the flags; token, record and window counts are not (None).
+
+    Example:
+        UnreadInputs("allenai/c4 (en) split train", "the Hugging Face Hub is not reachable", 2048, None)
+    """
+
+    kind = "unread"
+
+    def __init__(self, source, reason, seq_len, stride, rows=None):
+        self.source, self.reason, self.rows = source, reason, rows
+        self.window, self.step = pipeline.window_step(seq_len, stride)
+        self.train_tokens = self.val_tokens = self.windows_per_epoch = self.val_windows = None
+        self.windows_per_row = None
+
+    def describe(self):
+        return {"kind": self.kind, "source": self.source, "train_records": None, "val_records": None,
+                "not_read": self.reason}
+
+
+class PlannedTokenizer:
+    """The tokenizer a run will have, for a plan made before it exists (its
+    data is not read): kind and vocab size only; it encodes nothing.
+
+    Example:
+        PlannedTokenizer("sentencepiece", 32000, "trained on the data when the run starts").vocab_size  # 32000
+    """
+
+    def __init__(self, kind, vocab_size, how):
+        self.kind, self.vocab_size, self.how = kind, vocab_size, how
+
+    def describe(self):
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "planned": self.how}
+
+
+def unread_inputs(cfg, rows=None):
+    """`(tokenizer, UnreadInputs)` for a dry run whose data cannot be read
+    here, or None when it can. The vocab comes from the flags
+    (`config.planned_vocab_size`), a --tokenizer-path is loaded as usual.
+
+    Example:
+        tokenizer, inputs = unread_inputs(cfg) or load_inputs(cfg)
+    """
+    d, t = cfg.data, cfg.tokenizer
+    if d.data_dir:
+        if shards.has_meta(d.data_dir):
+            return None
+        source = f"shards in {d.data_dir}"
+        reason = (f"they are not prepared yet (make them with "
+                  f"`ultimate-trainer prepare-data --data-dir {d.data_dir}`)")
+        kind, how = "the shards'", "whichever the shards are made with (the plan takes its size from --vocab-size)"
+    else:
+        why = sources.hub_unavailable(d)
+        if why is None:
+            return None
+        source, reason = sources.describe(d), f"the Hugging Face Hub is not reachable ({why})"
+        kind, how = t.tokenizer, "trained on the data when the run starts"
+    if t.tokenizer_path:
+        tokenizer = tokenizers.make_tokenizer(t, log=lambda line: None)
+    elif not d.data_dir and t.tokenizer == "byte":
+        tokenizer = tokenizers.ByteTokenizer()
+    elif t.auto_vocab_size:
+        raise UserError(
+            f"--dry-run: {source} cannot be read here, as {reason}, and --auto-vocab-size picks the vocab size "
+            f"from it; pass --vocab-size N to plan the run, or dry-run where the data can be read"
+        )
+    else:
+        tokenizer = PlannedTokenizer(kind, config_lib.planned_vocab_size(cfg), how)
+    return tokenizer, UnreadInputs(source, reason, cfg.model.seq_len, cfg.loader.stride, rows)

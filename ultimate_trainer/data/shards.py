@@ -105,8 +105,18 @@ def prepare_shards(directory, tokenizer, splits, source, shard_tokens=DEFAULT_SH
     return meta
 
 
+def has_meta(directory):
+    """True once `prepare_shards` has finished writing `directory`."""
+    return (Path(directory) / META_FILE).is_file()
+
+
 def read_meta(directory):
     path = Path(directory) / META_FILE
+    if not Path(directory).is_dir():
+        raise UserError(
+            f"--data-dir {directory}: no such directory; make it with "
+            f"`ultimate-trainer prepare-data --data-dir {directory}`"
+        )
     if not path.is_file():
         raise UserError(
             f"--data-dir {directory}: no {META_FILE}; prepare shards with "

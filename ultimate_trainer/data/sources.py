@@ -401,10 +401,30 @@ def hub_reachable(timeout=NETWORK_TIMEOUT_S):
     return bool(answered)
 
 
-def _require_hub(dataset_id):
+def _hub_down():
+    """Why the hub cannot be read here, or None when it answers."""
     if hub_reachable():
+        return None
+    return "HF_HUB_OFFLINE is set" if _offline() else f"{hub_endpoint()} did not answer within {NETWORK_TIMEOUT_S:g}s"
+
+
+def hub_unavailable(data_cfg):
+    """Why the data config's --dataset-id cannot be read here (the hub is not
+    reachable), or None: a local copy, other sources and a reachable hub.
+
+    Example:
+        hub_unavailable(cfg.data)  # 'HF_HUB_OFFLINE is set'
+    """
+    d = data_cfg
+    if not d.dataset_id or Path(d.dataset_id).expanduser().exists():
+        return None
+    return _hub_down()
+
+
+def _require_hub(dataset_id):
+    why = _hub_down()
+    if why is None:
         return
-    why = "HF_HUB_OFFLINE is set" if _offline() else f"{hub_endpoint()} did not answer within {NETWORK_TIMEOUT_S:g}s"
     raise UserError(
         f"--dataset-id {dataset_id} needs network access to the Hugging Face Hub ({why}); "
         f"pass local files with --data-files PATH ({', '.join(sorted(set(FORMATS.values())))}), "

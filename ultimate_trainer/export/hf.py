@@ -2,6 +2,9 @@
 
 LLaMA-style models (RoPE, RMSNorm, SwiGLU) become `LlamaForCausalLM`,
 GPT-2-style models (learned positions, LayerNorm, GELU) `GPT2LMHeadModel`.
+Projection biases (`use_bias`) map to GPT-2's, or to LLaMA's
+`attention_bias` and `mlp_bias`; a bias-free model exports zero biases to
+GPT-2, which always has them.
 The transformers model is built on torch CPU, filled with our weights and
 written by its own `save_pretrained` (`config.json`, `model.safetensors`,
 `generation_config.json`). What the target cannot hold is refused with a
@@ -176,8 +179,8 @@ def _llama_config(model, transformers, **token_ids):
         max_position_embeddings=model.seq_len,
         rms_norm_eps=float(model.final_norm.epsilon),
         rope_parameters={"rope_type": "default", "rope_theta": _rope_theta(model)},
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=bool(model.use_bias),
+        mlp_bias=bool(model.use_bias),
         attention_dropout=0.0,
         tie_word_embeddings=bool(model.tie_embeddings),
         dtype="float32",
@@ -204,6 +207,17 @@ def _llama_weights(model):
             p + "mlp.up_proj.weight": gate_up[:, model.d_ff:].T,
             p + "mlp.down_proj.weight": _np(block.mlp.down.kernel).T,
         })
+        if model.use_bias:
+            qkv_bias, gate_up_bias = _np(block.attention.qkv.bias), _np(block.mlp.up.bias)
+            weights.update({
+                p + "self_attn.q_proj.bias": qkv_bias[:q_width],
+                p + "self_attn.k_proj.bias": qkv_bias[q_width:q_width + kv_width],
+                p + "self_attn.v_proj.bias": qkv_bias[q_width + kv_width:],
+                p + "self_attn.o_proj.bias": _np(block.attention.out.bias),
+                p + "mlp.gate_proj.bias": gate_up_bias[:model.d_ff],
+                p + "mlp.up_proj.bias": gate_up_bias[model.d_ff:],
+                p + "mlp.down_proj.bias": _np(block.mlp.down.bias),
+            })
     weights["model.norm.weight"] = _np(model.final_norm.scale)
     head = _lm_head(model)
     if head is not None:
@@ -244,30 +258,34 @@ def _gpt2_config(model, transformers, **token_ids):
     )
 
 
-def _gpt2_weights(model):
+def _bias(dense):
+    """A Dense layer's bias, or zeros where the model has none (GPT-2 always has one)."""
     import numpy as np
 
-    d, ff = model.d_model, model.d_ff
+    return _np(dense.bias) if dense.use_bias else np.zeros(dense.units, "float32")
+
+
+def _gpt2_weights(model):
     weights = {
         "transformer.wte.weight": _np(model.token_embedding.embeddings),
         "transformer.wpe.weight": _np(model.position_embedding.position_embeddings),
     }
     for i, block in enumerate(model.blocks):
         p = f"transformer.h.{i}."
-        # transformers' GPT-2 Conv1D stores [in, out], as keras Dense kernels do; our model has no biases.
+        # transformers' GPT-2 Conv1D stores [in, out], as keras Dense kernels do.
         weights.update({
             p + "ln_1.weight": _np(block.attention_norm.gamma),
             p + "ln_1.bias": _np(block.attention_norm.beta),
             p + "attn.c_attn.weight": _np(block.attention.qkv.kernel),
-            p + "attn.c_attn.bias": np.zeros(3 * d, "float32"),
+            p + "attn.c_attn.bias": _bias(block.attention.qkv),
             p + "attn.c_proj.weight": _np(block.attention.out.kernel),
-            p + "attn.c_proj.bias": np.zeros(d, "float32"),
+            p + "attn.c_proj.bias": _bias(block.attention.out),
             p + "ln_2.weight": _np(block.mlp_norm.gamma),
             p + "ln_2.bias": _np(block.mlp_norm.beta),
             p + "mlp.c_fc.weight": _np(block.mlp.up.kernel),
-            p + "mlp.c_fc.bias": np.zeros(ff, "float32"),
+            p + "mlp.c_fc.bias": _bias(block.mlp.up),
             p + "mlp.c_proj.weight": _np(block.mlp.down.kernel),
-            p + "mlp.c_proj.bias": np.zeros(d, "float32"),
+            p + "mlp.c_proj.bias": _bias(block.mlp.down),
         })
     weights["transformer.ln_f.weight"] = _np(model.final_norm.gamma)
     weights["transformer.ln_f.bias"] = _np(model.final_norm.beta)

@@ -22,6 +22,8 @@ class CausalSelfAttention(keras.layers.Layer):
             the device has one; `False` forces the plain kernel.
         initializer_range: std of the normal init of the QKV projection.
         output_initializer_range: std of the output projection's init.
+        use_bias: add a bias to the QKV and output projections (GPT-2 has
+            them, LLaMA none); biases start at zero.
 
     Example:
         >>> layer = CausalSelfAttention(num_heads=4, head_dim=32)
@@ -39,9 +41,11 @@ class CausalSelfAttention(keras.layers.Layer):
         flash_attention=None,
         initializer_range=0.02,
         output_initializer_range=0.02,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.use_bias = use_bias
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads or num_heads
@@ -54,7 +58,7 @@ class CausalSelfAttention(keras.layers.Layer):
         kv_width = self.num_kv_heads * head_dim
         self.qkv = keras.layers.Dense(
             q_width + 2 * kv_width,
-            use_bias=False,
+            use_bias=use_bias,
             kernel_initializer=keras.initializers.RandomNormal(stddev=initializer_range),
             dtype=self.dtype_policy,
             name="qkv",
@@ -71,7 +75,7 @@ class CausalSelfAttention(keras.layers.Layer):
         self.qkv.build(input_shape)
         self.out = keras.layers.Dense(
             d_model,
-            use_bias=False,
+            use_bias=self.use_bias,
             kernel_initializer=keras.initializers.RandomNormal(stddev=self.output_initializer_range),
             dtype=self.dtype_policy,
             name="out",
@@ -127,5 +131,6 @@ class CausalSelfAttention(keras.layers.Layer):
             flash_attention=self.flash_attention,
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
+            use_bias=self.use_bias,
         )
         return config

@@ -14,10 +14,11 @@ class CausalLM(keras.Model):
     """Decoder-only transformer returning float32 logits `[batch, seq, vocab]`.
 
     LLaMA style by default (RoPE, RMSNorm, SwiGLU, no biases); GPT-2 style
-    with `use_rope=False, use_rmsnorm=False, use_swiglu=False` (learned
-    positions, LayerNorm, GELU). Weights start from normal(0.02); the
-    projections that write into the residual stream start from
-    normal(0.02 / sqrt(2 * num_layers)), as in GPT-2.
+    with `use_rope=False, use_rmsnorm=False, use_swiglu=False, use_bias=True`
+    (learned positions, LayerNorm, GELU, biases in every projection).
+    Weights start from normal(0.02), biases from zero; the projections that
+    write into the residual stream start from normal(0.02 / sqrt(2 *
+    num_layers)), as in GPT-2.
 
     TTT state passing (`state_passing_rows=B`): in training, each TTT block
     starts a batch's row b from where the previous batch's row b ended (its
@@ -56,9 +57,11 @@ class CausalLM(keras.Model):
         state_passing_rows=None,
         moe=None,
         moe_every=1,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.use_bias = use_bias
         self.state_passing_rows = state_passing_rows
         # Batches per stream: a data property, not config; set before the first training step, which compiles it in.
         self.stream_windows = None
@@ -117,6 +120,7 @@ class CausalLM(keras.Model):
                 output_initializer_range=0.02 / math.sqrt(2 * num_layers),
                 ttt=self.ttt if i in ttt_blocks else None,
                 moe=self.moe if i in moe_blocks else None,
+                use_bias=use_bias,
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
@@ -296,6 +300,7 @@ class CausalLM(keras.Model):
             state_passing_rows=self.state_passing_rows,
             moe=self.moe,
             moe_every=self.moe_every,
+            use_bias=self.use_bias,
         )
         return config
 
@@ -306,6 +311,7 @@ class CausalLM(keras.Model):
     REPLICATED_WEIGHTS = (
         r".*/(attention_norm|mlp_norm|final_norm|pre_conv/norm|ttt/post_norm)/(scale|gamma|beta)",
         r".*/(ttt/conv_q|ttt/conv_k|pre_conv/conv)/bias",
+        r".*/(attention/out|mlp/down)/bias",
         r".*/ttt/token_offset",
         r".*/moe/stat_[a-z_]+",
         r".*/stream_step",
@@ -350,6 +356,9 @@ class CausalLM(keras.Model):
             r".*/attention/out/kernel": (m, d),
             r".*/mlp/(gate_up|up)/kernel": (d, m),
             r".*/mlp/down/kernel": (m, d),
+            # biases of column-parallel projections follow their output columns
+            r".*/attention/qkv/bias": (m,),
+            r".*/mlp/(gate_up|up)/bias": (m,),
             # LoRA adapters: the rank axis stays whole, the other follows the base kernel
             r".*/(attention/qkv|mlp/gate_up|mlp/up)/lora_kernel_a": (d, None),
             r".*/(attention/qkv|mlp/gate_up|mlp/up)/lora_kernel_b": (None, m),
@@ -409,6 +418,7 @@ def model_kwargs(model_cfg, vocab_size):
         activation=model_cfg.activation,
         dropout_rate=model_cfg.dropout_rate,
         tie_embeddings=model_cfg.tie_embeddings,
+        use_bias=model_cfg.use_bias,
         # True means "auto": let the backend use a fused kernel if it has one.
         flash_attention=None if model_cfg.flash_attention else False,
         **ttt_kwargs(model_cfg),

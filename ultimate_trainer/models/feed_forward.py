@@ -17,7 +17,8 @@ class FeedForward(keras.layers.Layer):
 
     With `use_swiglu`, computes `down(silu(gate(x)) * up(x))` (Shazeer 2020),
     the gate and up projections fused into one matmul; otherwise
-    `down(activation(up(x)))`.
+    `down(activation(up(x)))`. With `use_bias`, both projections add a bias
+    (GPT-2), starting at zero.
 
     Example:
         >>> FeedForward(hidden_dim=512)(np.zeros((2, 16, 128))).shape
@@ -31,6 +32,7 @@ class FeedForward(keras.layers.Layer):
         activation="gelu",
         initializer_range=0.02,
         output_initializer_range=0.02,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -41,9 +43,10 @@ class FeedForward(keras.layers.Layer):
         self.activation = activation
         self.initializer_range = initializer_range
         self.output_initializer_range = output_initializer_range
+        self.use_bias = use_bias
         self.up = keras.layers.Dense(
             (2 if use_swiglu else 1) * hidden_dim,
-            use_bias=False,
+            use_bias=use_bias,
             kernel_initializer=keras.initializers.RandomNormal(stddev=initializer_range),
             dtype=self.dtype_policy,
             name="gate_up" if use_swiglu else "up",
@@ -54,7 +57,7 @@ class FeedForward(keras.layers.Layer):
         self.up.build(input_shape)
         self.down = keras.layers.Dense(
             input_shape[-1],
-            use_bias=False,
+            use_bias=self.use_bias,
             kernel_initializer=keras.initializers.RandomNormal(stddev=self.output_initializer_range),
             dtype=self.dtype_policy,
             name="down",
@@ -79,5 +82,6 @@ class FeedForward(keras.layers.Layer):
             activation=self.activation,
             initializer_range=self.initializer_range,
             output_initializer_range=self.output_initializer_range,
+            use_bias=self.use_bias,
         )
         return config

@@ -73,6 +73,7 @@ def count_params(
     num_experts=0,
     experts_top_k=2,
     moe_every=1,
+    use_bias=False,
 ):
     """Exact parameter count of the model `CausalLM` builds for these flags.
 
@@ -84,7 +85,9 @@ def count_params(
     RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel. With
     `num_experts`, every `moe_every`-th block has an MoE feed-forward layer
     of `num_experts` experts `d_ff` wide (`moe_params`) instead of the MLP;
-    `active` then counts `experts_top_k` experts per MoE block.
+    `active` then counts `experts_top_k` experts per MoE block. `use_bias`
+    adds a bias to each attention projection (QKV, output) and dense-MLP
+    projection (up or gate/up, down); TTT layers and experts take none.
 
     Example:
         >>> count_params(258, 128, 6, 4, 512, 256).total
@@ -97,7 +100,11 @@ def count_params(
     head_dim = d_model // num_heads
     norm = d_model if use_rmsnorm else 2 * d_model  # LayerNorm adds a bias.
     attention = 2 * d_model * d_model + 2 * d_model * num_kv_heads * head_dim
-    mlp = (3 if use_swiglu else 2) * d_model * d_ff
+    mlp_weights = (3 if use_swiglu else 2) * d_model * d_ff
+    mlp = mlp_weights
+    if use_bias:
+        attention += (num_heads + 2 * num_kv_heads) * head_dim + d_model
+        mlp += (2 if use_swiglu else 1) * d_ff + d_model
     per_layer = 2 * norm + attention + mlp
     n_ttt = len(ttt_block_indices(num_layers, ttt_layer_type, ttt_layers))
     ttt_extra = n_ttt * (
@@ -107,7 +114,7 @@ def count_params(
     ) if n_ttt else 0
     n_moe = len(moe_block_indices(num_layers, num_experts, moe_every))
     moe_extra = n_moe * (moe_params(d_model, d_ff, num_experts, use_swiglu) - mlp) if n_moe else 0
-    inactive = n_moe * (num_experts - experts_top_k) * mlp if n_moe else 0
+    inactive = n_moe * (num_experts - experts_top_k) * mlp_weights if n_moe else 0
     token_embedding = vocab_size * d_model
     position_embedding = 0 if use_rope else seq_len * d_model
     lm_head = 0 if tie_embeddings else vocab_size * d_model
@@ -271,6 +278,7 @@ def solve_target_params(
     tolerance=0.02,
     min_layers=1,
     _ratio=None,
+    use_bias=False,
 ):
     """Chooses d_model, layers, heads and d_ff whose exact count is near `target_params`.
 
@@ -293,13 +301,13 @@ def solve_target_params(
     if prefer_depth:
         default = solve_target_params(
             target_params, vocab_size, seq_len, use_rope, use_rmsnorm, use_swiglu, tie_embeddings,
-            tolerance=tolerance,
+            tolerance=tolerance, use_bias=use_bias,
         )
         if default is not None:
             deeper = solve_target_params(
                 target_params, vocab_size, seq_len, use_rope, use_rmsnorm, use_swiglu, tie_embeddings,
                 prefer_depth=False, tolerance=tolerance, min_layers=default.num_layers + 1,
-                _ratio=target_aspect_ratio(target_params, prefer_depth=True),
+                _ratio=target_aspect_ratio(target_params, prefer_depth=True), use_bias=use_bias,
             )
             return deeper or default
     base_ratio = target_aspect_ratio(target_params)
@@ -314,6 +322,7 @@ def solve_target_params(
             args = dict(
                 vocab_size=vocab_size, d_model=d_model, num_heads=heads, d_ff=d_ff, seq_len=seq_len,
                 use_rope=use_rope, use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, tie_embeddings=tie_embeddings,
+                use_bias=use_bias,
             )
             fixed = count_params(num_layers=0, **args).total
             per_layer = count_params(num_layers=1, **args).total - fixed

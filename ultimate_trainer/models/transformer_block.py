@@ -2,6 +2,8 @@
 
 The sequence mixer is causal self-attention, or a TTT layer (`ttt` config);
 the feed-forward layer is the dense MLP, or a mixture of experts (`moe` config).
+`use_bias` gives the attention and dense-MLP projections biases (GPT-2); TTT
+layers and MoE experts have their own parameters and take none.
 A TTT block with `pre_conv` (the paper's Mamba-style backbone) first adds a
 causal convolution: x + conv(norm(x)).
 """
@@ -58,9 +60,11 @@ class TransformerBlock(keras.layers.Layer):
         output_initializer_range=0.02,
         ttt=None,
         moe=None,
+        use_bias=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.use_bias = use_bias
         self.ttt_config = dict(ttt) if ttt else None
         self.moe_config = dict(moe) if moe else None
         self.num_heads = num_heads
@@ -103,6 +107,7 @@ class TransformerBlock(keras.layers.Layer):
                 flash_attention=flash_attention,
                 initializer_range=initializer_range,
                 output_initializer_range=output_initializer_range,
+                use_bias=use_bias,
                 dtype=self.dtype_policy,
                 name="attention",
             )
@@ -116,7 +121,7 @@ class TransformerBlock(keras.layers.Layer):
             output_initializer_range=output_initializer_range,
             dtype=self.dtype_policy,
             name="moe" if self.moe_config else "mlp",
-            **(self.moe_config or {}),
+            **(self.moe_config or {"use_bias": use_bias}),
         )
         self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
 
@@ -207,5 +212,6 @@ class TransformerBlock(keras.layers.Layer):
             output_initializer_range=self.output_initializer_range,
             ttt=self.ttt_config,
             moe=self.moe_config,
+            use_bias=self.use_bias,
         )
         return config

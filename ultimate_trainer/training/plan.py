@@ -40,6 +40,7 @@ def model_summary(model_cfg, vocab_size):
         use_rmsnorm=m.use_rmsnorm,
         use_swiglu=m.use_swiglu,
         tie_embeddings=m.tie_embeddings,
+        use_bias=m.use_bias,
         lora_rank=m.lora_rank if m.use_lora else 0,
         lora_targets=lora_targets(m),
         ttt_layer_type=ttt_kind(m),
@@ -69,6 +70,7 @@ def model_summary(model_cfg, vocab_size):
         "norm": "rmsnorm" if m.use_rmsnorm else "layernorm",
         "positions": "rope" if m.use_rope else "learned",
         "tie_embeddings": m.tie_embeddings,
+        "biases": m.use_bias,
         "dropout_rate": m.dropout_rate,
         "lora": {"rank": m.lora_rank, "alpha": m.lora_alpha or m.lora_rank, "targets": list(lora_targets(m))}
         if m.use_lora
@@ -111,7 +113,6 @@ def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
     """
     sequences_per_step = micro_batch * t.gradient_accumulation_steps
     tokens_per_step = sequences_per_step * seq_len
-    steps_per_epoch = windows_per_epoch // sequences_per_step
     notes = []
     if t.max_steps:
         total_steps = t.max_steps
@@ -123,6 +124,7 @@ def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
             f"{t.gradient_accumulation_steps} accumulation x {seq_len} seq_len) = {total_steps:,} steps"
         )
     else:
+        steps_per_epoch = windows_per_epoch // sequences_per_step
         if steps_per_epoch == 0:
             raise UserError(
                 f"the training data holds {windows_per_epoch} windows of {window} tokens, fewer than one "
@@ -149,8 +151,10 @@ def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
 def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     """Everything a run will do, as plain data (what `--dry-run --json` prints).
 
-    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`; `data_parallel`
-    devices each take --batch-size sequences of every micro-batch.
+    `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`, or for a dry run
+    whose data cannot be read here an `UnreadInputs`, whose unknown counts stay
+    None in the plan; `data_parallel` devices each take --batch-size sequences
+    of every micro-batch.
     """
     m, t = cfg.model, cfg.training
     architecture, params, flops = model_summary(m, tokenizer.vocab_size)
@@ -160,7 +164,8 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     micro_batch = t.batch_size * data_parallel
     sequences_per_step = micro_batch * t.gradient_accumulation_steps
     tokens_per_step = sequences_per_step * m.seq_len
-    steps_per_epoch = windows_per_epoch // sequences_per_step
+    unread = windows_per_epoch is None
+    steps_per_epoch = None if unread else windows_per_epoch // sequences_per_step
     val_windows = inputs.val_windows
     if val_windows == 0:
         raise UserError(
@@ -169,7 +174,7 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
         )
     notes = []
     eval_batch = micro_batch
-    if data_parallel > 1 and val_windows < micro_batch:
+    if data_parallel > 1 and not unread and val_windows < micro_batch:
         # A smaller validation batch that still fills every device equally.
         eval_batch = val_windows // data_parallel * data_parallel
         if eval_batch == 0 and cfg.output.eval_enabled:
@@ -179,14 +184,26 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             )
         notes.append(f"validation batches of {eval_batch} (the {val_windows} validation windows hold less than "
                      f"one training micro-batch of {micro_batch})")
-    eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
-        if eval_batch else 0
+    if unread:
+        eval_batches = cfg.output.eval_steps  # None: the whole validation set, size unknown
+        planned = tokenizer.describe().get("planned")
+        notes.append(f"not read here: {inputs.source}, as {inputs.reason}; its token, record and window counts "
+                     f"are unknown" + (f", and the tokenizer is {planned}" if planned else ""))
+    else:
+        eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
+            if eval_batch else 0
 
     if getattr(inputs, "rows", None):
+        per_row = "" if unread else f", {inputs.windows_per_row:,} windows per epoch"
         notes.append(
             f"--state-passing: each of the {inputs.rows} batch rows reads its own contiguous stream of the training "
-            f"data, {inputs.windows_per_row:,} windows per epoch, in order (not shuffled); TTT states carry over "
-            f"between its windows and restart with each epoch"
+            f"data{per_row}, in order (not shuffled); TTT states carry over between its windows and restart with "
+            f"each epoch"
+        )
+    if unread and not (t.max_steps or t.total_tokens):
+        raise UserError(
+            f"--dry-run: {inputs.source} cannot be read here, as {inputs.reason}, so the steps of --epochs "
+            f"{t.epochs} are unknown; add --max-steps N or --total-tokens N to plan the run"
         )
     numbers = schedule_numbers(t, m.seq_len, micro_batch, windows_per_epoch, window)
     total_steps, rule, warmup, lr_end = (numbers[k] for k in ("total_steps", "rule", "warmup_steps", "lr_end"))
@@ -255,13 +272,21 @@ def _sizing(model_cfg, total):
 def format_plan(plan, layout_rules=False):
     """Human-readable lines for a plan (`layout_rules`: also each rule of the layout map)."""
     a, p, d, s = plan["architecture"], plan["parameters"], plan["data"], plan["schedule"]
+    if d["kind"] == "unread":
+        data_line = (f"data: {d['source']}, not read here ({d['tokenizer']['kind']} tokenizer, vocab "
+                     f"{d['tokenizer']['vocab_size']:,})")
+    else:
+        data_line = (f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
+                     f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens "
+                     f"({d['tokenizer']['kind']} tokenizer)")
     lines = [
         f"model: {a['block_style']} decoder"
         + (f" (preset {a['preset']})" if a["preset"] else "")
         + f", {a['num_layers']} layers, d_model {a['d_model']}, {a['num_heads']} heads"
         + (f" ({a['num_kv_heads']} kv)" if a["num_kv_heads"] != a["num_heads"] else "")
         + f" of {a['head_dim']}, d_ff {a['d_ff']} ({a['mlp']}), {a['norm']}, {a['positions']} positions, "
-        f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
+        + ("biases, " if a.get("biases") else "")
+        + f"vocab {a['vocab_size']}, seq_len {a['seq_len']}"
         + (f"; TTT-{a['ttt']['kind'].capitalize()} in {len(a['ttt']['blocks'])} of {a['num_layers']} blocks "
            f"(mini-batch {a['ttt']['mini_batch_size']}, {a['ttt']['backbone']} backbone"
            f"{', state passing' if a['ttt']['state_passing'] else ''})" if a.get("ttt") else "")
@@ -273,8 +298,7 @@ def format_plan(plan, layout_rules=False):
         + (f" (LoRA rank {a['lora']['rank']} on {', '.join(a['lora']['targets'])}; the base is frozen)" if a["lora"] else "")
         + (f"; {p['active']:,} active per token ({p['active'] - p['embedding']:,} non-embedding)"
            if a.get("moe") else ""),
-        f"data: {d['source']}; {d['train_records']:,} train / {d['val_records']:,} val records, "
-        f"{d['train_tokens_per_epoch']:,} train / {d['val_tokens']:,} val tokens ({d['tokenizer']['kind']} tokenizer)",
+        data_line,
         f"steps: {s['rule']} -> {s['total_steps']:,} steps of {s['tokens_per_step']:,} tokens = "
         f"{s['total_tokens']:,} tokens, {s['total_flops'] / 1e12:,.1f} TFLOP "
         f"({plan['flops_per_token'] / 1e6:,.1f} MFLOP/token)",

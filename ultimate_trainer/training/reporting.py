@@ -43,7 +43,8 @@ class MetricsSink:
         sink.close()
     """
 
-    def __init__(self, output_dir, tensorboard=False, wandb_project=None, wandb_run_name=None, config=None):
+    def __init__(self, output_dir, tensorboard=False, wandb_project=None, wandb_run_name=None, config=None,
+                 wandb_entity=None):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
         self._tensorboard = None
@@ -54,7 +55,7 @@ class MetricsSink:
             self._tf = tf
             self._tensorboard = tf.summary.create_file_writer(str(self.output_dir / TENSORBOARD_DIR))
         if wandb_project:
-            self._wandb = _start_wandb(self.output_dir, wandb_project, wandb_run_name, config)
+            self._wandb = _start_wandb(self.output_dir, wandb_project, wandb_run_name, config, wandb_entity)
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -93,7 +94,7 @@ class NullSink:
         pass
 
 
-def _start_wandb(output_dir, project, run_name, config):
+def _start_wandb(output_dir, project, run_name, config, entity=None):
     try:
         import wandb
     except ImportError:
@@ -103,8 +104,8 @@ def _start_wandb(output_dir, project, run_name, config):
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
     try:
-        return wandb.init(project=project, name=run_name or output_dir.resolve().name, id=run_id, resume="allow",
-                          dir=str(output_dir), config=config)
+        return wandb.init(project=project, entity=entity, name=run_name or output_dir.resolve().name, id=run_id,
+                          resume="allow", dir=str(output_dir), config=config)
     except Exception as e:  # wandb raises its own errors for auth and network; name it and go on
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(

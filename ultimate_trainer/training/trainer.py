@@ -75,7 +75,8 @@ def train(cfg):
     if batch_line and not cfg.run.json:
         say(batch_line)
     with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
-        tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training))
+        tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training),
+                                        plan_only=cfg.run.dry_run and resume is None)
     if config_lib.target_params_pending(cfg):
         cfg = config_lib.sized_for_vocab(cfg, tokenizer.vocab_size)
         m = cfg.model
@@ -162,14 +163,19 @@ def _backend_line(devices):
     return line + (f"\nbackend chosen by {devices['chosen_by']}" if devices.get("chosen_by") else "")
 
 
-def load_inputs(cfg, micro_batch=None):
+def load_inputs(cfg, micro_batch=None, plan_only=False):
     """The run's tokenizer and its input (shards from --data-dir, else streamed text);
-    `micro_batch`: sequences per micro-batch over all devices (default --batch-size)."""
-    from ultimate_trainer.data.inputs import ShardInputs, StreamInputs
+    `micro_batch`: sequences per micro-batch over all devices (default --batch-size).
+    `plan_only` (a dry run): data that cannot be read here (shards not prepared
+    yet, a hub dataset without network) is planned from the flags instead."""
+    from ultimate_trainer.data.inputs import ShardInputs, StreamInputs, unread_inputs
 
     m = cfg.model
     # TTT state passing: one stream per row of the whole (all-device) micro-batch.
     rows = (micro_batch or cfg.training.batch_size) if m.state_passing else None
+    unread = unread_inputs(cfg, rows) if plan_only else None
+    if unread:
+        return unread
     if cfg.data.data_dir:
         meta = shards.read_meta(cfg.data.data_dir)
         if cfg.tokenizer.tokenizer_path:
@@ -177,6 +183,12 @@ def load_inputs(cfg, micro_batch=None):
         else:
             tokenizer = tokenizers.load_tokenizer(cfg.data.data_dir)
         shards.check_tokenizer(meta, tokenizer, cfg.data.data_dir)
+        if "tokenizer.vocab_size" in cfg.explicit and tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+            raise UserError(
+                f"--data-dir {cfg.data.data_dir}: its shards' tokenizer has {tokenizer.vocab_size:,} ids, but "
+                f"--vocab-size (or the recipe) says {cfg.tokenizer.vocab_size:,}; prepare the shards with the "
+                f"tokenizer the recipe names, or pass --vocab-size {tokenizer.vocab_size}"
+            )
         return tokenizer, ShardInputs(cfg.data.data_dir, meta, m.seq_len, cfg.loader.stride, rows)
     train_records, val_records, source_name = sources.open_records(cfg.data)
     tokenizer = tokenizers.make_tokenizer(
@@ -227,7 +239,8 @@ def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None, upload_t
         uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say)
         say(f"uploads: checkpoints, milestones, best_checkpoint and final_model go to {bucket.uri(prefix)} in the "
             f"background")
-    sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True))
+    sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True),
+                                 wandb_entity=o.wandb_entity)
     try:
         return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
     finally:
