@@ -169,7 +169,7 @@ def test_recipes_price_llama_1_36b_in_bfloat16_near_6_n_d():
     row = cost.recipe_table(["llama-1.36b"], "a100", 0.4)[0]
     cfg = resolve_config({"run.recipe": "llama-1.36b"})
     m, t = cfg.model, cfg.training
-    d, layers, f, vocab = m.d_model, m.num_layers, m.d_ff, config_lib.vocab_size_of(cfg.tokenizer)
+    d, layers, f, vocab = m.d_model, m.num_layers, m.d_ff, config_lib.planned_vocab_size(cfg)
     kv = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)
     assert m.use_swiglu and m.use_rmsnorm and m.use_rope and not m.num_experts
     # A LLaMA block: 2 RMSNorm scales, q and o (d x d), k and v (d x kv), SwiGLU (3 x d x f); the final

@@ -78,7 +78,7 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
     assert t.batch_size * t.gradient_accumulation_steps == 256 and t.warmup_steps == t.max_steps // 10
     assert cfg.optimization.use_mixed_precision and t.weight_decay == 0.1 and t.lr_end == 1e-5
     # The guide's --state_passing, milestones every 2K steps, and a validation set of a fixed, small size.
-    assert m.state_passing and cfg.loader.stride == 1
+    assert m.state_passing and cfg.loader.stride is None  # the default stride: each window starts at the last target
     assert cfg.output.milestone_every == 2000 and cfg.output.eval_every == 500
     assert cfg.data.val_split == "validation" and cfg.data.max_val_examples == 10000
     tokens = t.max_steps * 256 * 2048

@@ -108,21 +108,24 @@ def test_the_cpu_peak_is_in_the_training_precision(monkeypatch, mixed, dtype):
     assert "could not be measured (no compiler); pass --peak-flops" in trainer._peak_flops(cfg, _devices(), 1)["source"]
 
 
-@pytest.mark.parametrize("name, missing, flags, peak", [
-    ("NVIDIA A100-SXM4-80GB", None, {}, 312e12),  # bfloat16 by default on a GPU that has it
-    ("NVIDIA A100-SXM4-80GB", None, {"optimization.use_mixed_precision": False}, 19.5e12),
+@pytest.mark.parametrize("name, missing, flags, backend_name, peak, kind", [
+    ("NVIDIA A100-SXM4-80GB", None, {}, "jax", 312e12, "bfloat16"),  # bfloat16 by default on a GPU that has it
+    # float32: jax and tensorflow multiply in TF32 on an A100, torch in true float32.
+    ("NVIDIA A100-SXM4-80GB", None, {"optimization.use_mixed_precision": False}, "jax", 156e12, "TF32"),
+    ("NVIDIA A100-SXM4-80GB", None, {"optimization.use_mixed_precision": False}, "torch", 19.5e12, "float32"),
     ("Tesla V100-SXM2-16GB", "Tesla V100-SXM2-16GB (compute capability 7.0) has no bfloat16",
-     {"optimization.use_mixed_precision": True}, 15.7e12),  # training falls back to float32
+     {"optimization.use_mixed_precision": True}, "jax", 15.7e12, "float32"),  # falls back to float32; no TF32
 ])
-def test_a_gpu_peak_is_in_the_precision_the_run_computes_in(monkeypatch, name, missing, flags, peak):
+def test_a_gpu_peak_is_in_the_precision_the_run_computes_in(monkeypatch, name, missing, flags, backend_name, peak,
+                                                             kind):
     from ultimate_trainer.training import trainer
 
     monkeypatch.setattr(backend, "bf16_unsupported_reason", lambda: missing)
     cfg = resolve_config({"model.model_preset": "nano", **flags})
-    devices = {"devices": {"gpu": 2, "cpu": 1}, "device_names": [name, name], "backend": "jax"}
+    devices = {"devices": {"gpu": 2, "cpu": 1}, "device_names": [name, name], "backend": backend_name}
     got = trainer._peak_flops(cfg, devices, 2)
     assert (got["total"], got["per_device"]) == (2 * peak, peak)
-    assert got["source"] == f"data sheet of {name}, {'bfloat16' if peak == 312e12 else 'float32'}"
+    assert got["source"] == f"data sheet of {name}, {kind}"
 
 
 def test_peak_flops_flag_reaches_the_plan(tmp_path):
