@@ -5,10 +5,18 @@ The whole suite runs on jax (the default backend); the tests marked
 Keras picks its backend once per process. `--slow` runs the tests marked
 `slow` (the end-to-end acceptance runs) on jax instead.
 
+CI has 2 cores, so the jax run uses two pytest-xdist workers, and the torch
+and tensorflow runs go alongside it, one process each: most tests wait on a
+compile or a CLI subprocess, and the backend runs fill those gaps. Their
+output is held back and printed, whole, once the jax run ends.
+`--dist loadgroup` keeps the tests of one `xdist_group` mark on one worker,
+for the ones that share a module-scoped fixture (a training run, emulators).
+
 Example:
     python tools/run_tests.py            # default suite
     python tools/run_tests.py --slow     # slow acceptance runs
     python tools/run_tests.py -k sizing  # extra args go to every pytest run
+    python tools/run_tests.py -n 4       # more workers for the jax run
 """
 
 import os
@@ -19,6 +27,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+WORKERS = ["-n", "2", "--dist", "loadgroup"]
 
 
 def _counts(junit_path):
@@ -32,24 +41,40 @@ def _counts(junit_path):
     return {"passed": tests - failed - skipped, "failed": failed, "skipped": skipped}
 
 
+def _start(backend, args, junit, log=None):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
+    print(f"== {backend}: {' '.join(cmd[3:])}" + (" (output below when the jax run ends)" if log else ""), flush=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, KERAS_BACKEND=backend), stdout=log,
+                            stderr=subprocess.STDOUT if log else None)
+
+
 def main(argv):
     slow = "--slow" in argv
     extra = [a for a in argv if a != "--slow"]
+    workers = [] if any(a.startswith(("-n", "--numprocesses")) for a in extra) else WORKERS
     if slow:
-        runs = [("jax", ["-m", "slow"])]
+        jax, others = ["-m", "slow"], []
     else:
-        runs = [("jax", []), ("torch", ["-m", "backends and not slow"]), ("tensorflow", ["-m", "backends and not slow"])]
+        jax, others = [], [(b, ["-m", "backends and not slow"]) for b in ("torch", "tensorflow")]
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        for backend, marker in runs:
-            junit = Path(tmp) / f"{backend}.xml"
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *marker, *extra]
-            print(f"== {backend}: {' '.join(cmd[3:])}", flush=True)
-            code = subprocess.call(cmd, cwd=REPO, env=env)
-            counts = _counts(junit)
-            print(f"== {backend}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped (exit {code})", flush=True)
+        tmp = Path(tmp)
+        # The backend runs start first, so that their imports overlap the jax run's collection.
+        running = []
+        for backend, marker in others:
+            log = open(tmp / f"{backend}.log", "w+")
+            running.append((backend, _start(backend, [*marker, *extra], tmp / f"{backend}.xml", log), log))
+        running.insert(0, ("jax", _start("jax", [*workers, *jax, *extra], tmp / "jax.xml"), None))
+        for backend, process, log in running:
+            code = process.wait()
+            if log is not None:
+                log.seek(0)
+                print(f"== {backend} output:\n{log.read()}", end="", flush=True)
+                log.close()
+            counts = _counts(tmp / f"{backend}.xml")
+            print(f"== {backend}: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+                  f"(exit {code})", flush=True)
             # pytest exit 5 means no test ran: that is a failure here, never a pass.
             ok = ok and code == 0
             for key in totals:

@@ -204,6 +204,10 @@ def test_bucket_errors_are_one_line(monkeypatch):
 # --- preflight, error classification, best / milestone / final (in process) ---
 
 
+# The tests of `shared` run on one pytest-xdist worker (tools/run_tests.py), which starts each emulator once.
+ONE_WORKER = pytest.mark.xdist_group("cloud-emulators")
+
+
 @pytest.fixture(scope="module", params=["s3", "gcs", "azure"])
 def shared(request, tmp_path_factory):
     """One emulator of each provider for the in-process tests below (each uses its own prefix)."""
@@ -221,6 +225,7 @@ def _counting(bucket, monkeypatch):
     return calls
 
 
+@ONE_WORKER
 def test_preflight_probes_and_stops_at_once_on_a_missing_bucket(shared, monkeypatch):
     monkeypatch.setattr(cloud, "BACKOFF_S", 5.0)  # a retry would show in the time taken
     ok = shared.open_bucket()
@@ -252,6 +257,7 @@ def test_preflight_probes_and_stops_at_once_on_a_missing_bucket(shared, monkeypa
             cloud.preflight(elsewhere, "pre", region=there)
 
 
+@ONE_WORKER
 def test_azure_sas_tokens_are_checked_before_any_request(shared, monkeypatch):
     if shared.provider != "azure":
         pytest.skip("Azure only")
@@ -293,6 +299,7 @@ class _Gated:
         return self.bucket.upload(path, key)
 
 
+@ONE_WORKER
 def test_best_milestone_and_final_follow_the_retention_rules(shared, tmp_path, saver):
     bucket = shared.open_bucket()
     run, logged = tmp_path / "run", []
@@ -334,6 +341,7 @@ def test_best_milestone_and_final_follow_the_retention_rules(shared, tmp_path, s
     assert store.verify_checkpoint(milestone)["step"] == 2
 
 
+@ONE_WORKER
 def test_a_permanent_upload_error_ends_the_wait_at_once(shared, tmp_path, saver):
     if shared.provider != "s3":
         pytest.skip("the classification is the same for every provider (test_errors_are_classified)")
@@ -436,6 +444,7 @@ def _nothing_computed(out, stdout):
     assert not (out / "training_args.json").exists() and not list(out.glob("checkpoint-*"))
 
 
+@ONE_WORKER
 def test_a_run_stops_before_step_one_on_a_missing_bucket_or_a_bad_sas_token(shared, tmp_path, capsys):
     """The acceptance line: exit 2, one line, nothing computed. S3 through the real CLI
     (one subprocess), Azure in process through the same entry point."""

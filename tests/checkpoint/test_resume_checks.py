@@ -15,6 +15,9 @@ from ultimate_trainer.checkpoint.resume import changeable_names, parse_allowed
 from ultimate_trainer.cli import main
 from ultimate_trainer.errors import UserError
 
+# On one pytest-xdist worker (tools/run_tests.py), so that the module's first run is made once.
+pytestmark = pytest.mark.xdist_group("resume-checks")
+
 QUIET = [*tiny_model_flags(), "--warmup-steps", "1", "--log-every", "1", "--no-eval", "--no-tensorboard"]
 PEAK, END, WARMUP, TOTAL = 5e-4, 5e-5, 1, 6  # the first run: the defaults' LR and end, --max-steps 6
 
