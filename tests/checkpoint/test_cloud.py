@@ -21,14 +21,6 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight") / "run"
-    result = run_cli([*FLAGS, "--max-steps", "6", "--output-dir", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    return _losses(out)
-
-
 def _credentials(emulator):
     """(flags, env): Azure authenticates with a SAS token on the command line, the secret to hunt for."""
     if emulator.provider != "azure":
@@ -42,7 +34,7 @@ def _credentials(emulator):
 # in test_remote_resume_verifies_falls_back_and_resumes_a_broken_download.
 @pytest.mark.parametrize("emulator", ["s3", pytest.param("gcs", marks=pytest.mark.slow),
                                       pytest.param("azure", marks=pytest.mark.slow)], indirect=True)
-def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path, straight):
+def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path):
     secret_flags, env = _credentials(emulator)
     out = tmp_path / "run"
     first = run_cli([*FLAGS, "--max-steps", "6", "--save-total-limit", "2", "--milestone-every", "4",
@@ -71,6 +63,7 @@ def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path, s
     # As if the machine died while checkpoint-6 was uploading: no manifest, so it is not complete.
     bucket.delete(["runs/tiny/checkpoint-6/manifest.json"])
 
+    # The resumed run goes on exactly as the first, uninterrupted one did.
     resumed = tmp_path / "resumed"
     uri = f"{SCHEME[emulator.provider]}://{emulator.bucket}/runs/tiny"
     extra = ["--azure-account-name", "devstoreaccount1"] if emulator.provider == "azure" else []
@@ -78,8 +71,8 @@ def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path, s
                       "--cloud-endpoint-url", emulator.endpoint, *extra, *secret_flags], env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "downloaded" in second.stdout and "at step 4" in second.stdout
-    got = _losses(resumed)
-    assert sorted(got) == [5, 6]
+    got, straight = _losses(resumed), _losses(out)
+    assert sorted(got) == [5, 6] and sorted(straight) == [1, 2, 3, 4, 5, 6]
     for step in (5, 6):
         assert got[step] == pytest.approx(straight[step], abs=1e-6)
 
