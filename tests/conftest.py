@@ -32,6 +32,47 @@ def run_cli(args, cwd=None, backend=None, timeout=600, env=None):
     )
 
 
+def run_main(args, env=None):
+    """Runs `ultimate_trainer.cli.main(ARGS)` in this process; returns a CompletedProcess as run_cli does.
+
+    For tests of what the CLI decides (errors, plans, the run's outputs): it saves the
+    seconds of imports a `python -m` start-up costs. What only a real process shows (the
+    exit status, stdout without start-up noise, signals) stays with run_cli. Keras'
+    global distribution and dtype policy, which a run sets, are put back afterwards.
+
+    Example:
+        result = run_main(["--d-model", "0", "--dry-run"])
+        assert result.returncode == 2 and "--d-model" in result.stderr
+    """
+    import contextlib
+    import io
+    import subprocess
+
+    import keras
+
+    from ultimate_trainer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    distribution, policy = keras.distribution.distribution(), keras.mixed_precision.global_policy()
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's --help
+                code = e.code
+    finally:
+        keras.distribution.set_distribution(distribution)
+        keras.mixed_precision.set_global_policy(policy)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture
 def cli():
     return run_cli

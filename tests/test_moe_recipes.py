@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from ultimate_trainer.config import resolve_config
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
@@ -183,7 +183,7 @@ data: {{num_workers: 1}}
 evaluation: {{enabled: false}}
 mixed_precision: {{bf16: false}}
 """)
-    result = run_cli(["--config", str(recipe), "--log-every", "2"])
+    result = run_main(["--config", str(recipe), "--log-every", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--total-tokens 512 / (4 batch x 1 accumulation x 32 seq_len) = 4 steps" in result.stdout
     assert "active per token" in result.stdout and "MoE in 2 of 2 blocks" in result.stdout

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli, tiny_model_flags
+from tests.conftest import run_main, tiny_model_flags
 from ultimate_trainer.data import shards
 from ultimate_trainer.data.pipeline import window_step, windows_in
 from ultimate_trainer.data.tokenizers import ByteTokenizer
@@ -114,15 +114,15 @@ def test_a_different_tokenizer_is_refused(prepared):
 
 def test_prepare_data_command_then_train_on_the_shards(tmp_path):
     data = tmp_path / "shards"
-    made = run_cli(["prepare-data", "--data-dir", str(data), "--max-train-examples", "40", "--shard-tokens", "20000"])
+    made = run_main(["prepare-data", "--data-dir", str(data), "--max-train-examples", "40", "--shard-tokens", "20000"])
     assert made.returncode == 0, made.stderr[-2000:]
     assert "train with --data-dir" in made.stdout and (data / "meta.json").is_file()
     assert len(list(data.glob("train-*.bin"))) > 1
-    again = run_cli(["prepare-data", "--data-dir", str(data)])
+    again = run_main(["prepare-data", "--data-dir", str(data)])
     assert again.returncode == 2 and "already holds prepared shards" in again.stderr
     out = tmp_path / "run"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "3", "--data-dir", str(data), "--no-use-streaming",
-                      "--output-dir", str(out)])
+    result = run_main([*tiny_model_flags(), "--max-steps", "3", "--data-dir", str(data), "--no-use-streaming",
+                       "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shards in" in result.stdout
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["data"]
@@ -144,15 +144,15 @@ def test_shard_flag_errors(args, message):
 
 def test_prepare_with_a_trained_tokenizer_and_refuse_another(tmp_path):
     data = tmp_path / "sp"
-    made = run_cli(["prepare-data", "--data-dir", str(data), "--tokenizer", "sentencepiece", "--vocab-size", "400",
-                    "--max-train-examples", "40"])
+    made = run_main(["prepare-data", "--data-dir", str(data), "--tokenizer", "sentencepiece", "--vocab-size", "400",
+                     "--max-train-examples", "40"])
     assert made.returncode == 0, made.stderr[-2000:]
     meta = json.loads((data / "meta.json").read_text())
     assert meta["tokenizer"]["kind"] == "sentencepiece" and meta["tokenizer"]["vocab_size"] == 400
     other = tmp_path / "other"
-    assert run_cli(["prepare-data", "--data-dir", str(other), "--max-train-examples", "5"]).returncode == 0
-    refused = run_cli([*tiny_model_flags(), "--data-dir", str(data), "--tokenizer-path", str(other),
-                       "--max-steps", "1", "--dry-run"])
+    assert run_main(["prepare-data", "--data-dir", str(other), "--max-train-examples", "5"]).returncode == 0
+    refused = run_main([*tiny_model_flags(), "--data-dir", str(data), "--tokenizer-path", str(other),
+                        "--max-steps", "1", "--dry-run"])
     assert refused.returncode == 2 and "tokenized with a different tokenizer" in refused.stderr
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.conftest import run_cli, tiny_model_flags
+from tests.conftest import run_main, tiny_model_flags
 from ultimate_trainer import config as config_lib
 from ultimate_trainer.config import TokenizerConfig, resolve_config
 from ultimate_trainer.data import sources, tokenizers
@@ -414,7 +414,7 @@ def test_cli_trains_on_local_files_with_a_sentencepiece_tokenizer_and_reuses_it(
     out = tmp_path / "run"
     args = [*tiny_model_flags(), "--data-files", str(data), "--tokenizer", "sentencepiece", "--vocab-size", "512",
             "--max-steps", "2", "--eval-every", "2", "--log-every", "2", "--output-dir", str(out)]
-    result = run_cli(args)
+    result = run_main(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizer: trained sentencepiece bpe, 512 pieces" in result.stdout
     assert f"data: {data} (1 file)" in result.stdout and "vocab 512" in result.stdout
@@ -424,6 +424,6 @@ def test_cli_trains_on_local_files_with_a_sentencepiece_tokenizer_and_reuses_it(
         assert (out / "checkpoint-2" / name).is_file()
     assert load_tokenizer(out / "checkpoint-2").fingerprint() == meta["fingerprint"]
 
-    again = run_cli(args + ["--overwrite"])
+    again = run_main(args + ["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"tokenizer: reusing {out / 'tokenizer.model'} (512 pieces, fingerprint {meta['fingerprint']})" in again.stdout

@@ -80,19 +80,19 @@ def test_pick_matches_numpy_filters():
 def test_generate_command_greedy_is_the_same_with_and_without_cache(tmp_path):
     import json
 
-    from tests.conftest import run_cli, tiny_model_flags
+    from tests.conftest import run_main, tiny_model_flags
 
     out = tmp_path / "run"
-    assert run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(out)]).returncode == 0
+    assert run_main([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(out)]).returncode == 0
     common = ["generate", "--checkpoint", str(out / "checkpoint-2"), "--prompt", "def ", "--max-new-tokens", "12",
               "--greedy", "--json"]
-    cached = run_cli(common)
-    recomputed = run_cli([*common, "--no-cache"])
+    cached = run_main(common)
+    recomputed = run_main([*common, "--no-cache"])
     assert cached.returncode == 0 and recomputed.returncode == 0, cached.stderr[-1500:] + recomputed.stderr[-1500:]
     a, b = json.loads(cached.stdout), json.loads(recomputed.stdout)
     assert a["text"] == b["text"] and a["text"].startswith("def ")
     assert a["cache"] is True and b["cache"] is False
-    bad = run_cli(["generate", "--checkpoint", str(out / "checkpoint-2"), "--top-p", "0"])
+    bad = run_main(["generate", "--checkpoint", str(out / "checkpoint-2"), "--top-p", "0"])
     assert bad.returncode == 2 and "--top-p in (0, 1]" in bad.stderr
 
 

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from ultimate_trainer import backend
 from ultimate_trainer.config import resolve_config
 from ultimate_trainer.training import mfu
@@ -129,8 +129,8 @@ def test_a_gpu_peak_is_in_the_precision_the_run_computes_in(monkeypatch, name, m
 
 
 def test_peak_flops_flag_reaches_the_plan(tmp_path):
-    result = run_cli(["--model-preset", "nano", "--dry-run", "--json", "--peak-flops", "1e12",
-                      "--output-dir", str(tmp_path)])
+    result = run_main(["--model-preset", "nano", "--dry-run", "--json", "--peak-flops", "1e12",
+                       "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-1000:]
     peak = json.loads(result.stdout)["peak_flops"]
     assert peak == {"total": 1e12, "per_device": 1e12, "source": "--peak-flops"}

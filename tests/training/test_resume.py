@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_model_flags
+from tests.conftest import REPO, run_cli, run_main, tiny_model_flags
 
 FLAGS = [*tiny_model_flags(), "--dropout-rate", "0.1", "--log-every", "1", "--eval-every", "1000"]
 
@@ -35,9 +35,10 @@ def test_resume_continues_with_identical_losses(tmp_path, source, ttt):
         assert run_cli(["prepare-data", "--data-dir", str(data), "--max-train-examples", "30"]).returncode == 0
         extra = [*extra, "--data-dir", str(data)]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    a = run_cli([*FLAGS, *extra, "--max-steps", "6", "--save-every", "100", "--output-dir", str(straight)])
+    # The two uninterrupted runs go in this process; the resume, the point, in a new one.
+    a = run_main([*FLAGS, *extra, "--max-steps", "6", "--save-every", "100", "--output-dir", str(straight)])
     assert a.returncode == 0, a.stderr[-2000:]
-    b = run_cli([*FLAGS, *extra, "--max-steps", "6", "--save-every", "3", "--output-dir", str(split)])
+    b = run_main([*FLAGS, *extra, "--max-steps", "6", "--save-every", "3", "--output-dir", str(split)])
     assert b.returncode == 0, b.stderr[-2000:]
     (split / "checkpoint-6").rename(split / "ignored-6")  # pretend the run died after step 3
     (split / "metrics.jsonl").write_text("")

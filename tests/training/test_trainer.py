@@ -1,11 +1,13 @@
-"""End-to-end runs through the CLI, in a subprocess as a user runs them."""
+"""End-to-end runs through the CLI: one in a subprocess, as a user runs it, for what only a real
+process shows (its output, its exit status); the others in process (`run_main`), which saves
+the seconds of imports each process start costs."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli, tiny_model_flags
+from tests.conftest import run_cli, run_main, tiny_model_flags
 
 
 def _metrics(out):
@@ -62,10 +64,10 @@ def test_run_writes_every_artifact_and_loads_back(tmp_path):
     logits = np.asarray(model(np.array([tokenizer.encode("def f(x):")], dtype="int32")))
     assert logits.shape == (1, 9, tokenizer.vocab_size)
 
-    again = run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(out)])
+    again = run_main([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(out)])
     assert again.returncode == 2 and "already holds a run" in again.stderr
-    over = run_cli([*tiny_model_flags(), "--max-steps", "2", "--log-every", "1", "--output-dir", str(out),
-                    "--overwrite"])
+    over = run_main([*tiny_model_flags(), "--max-steps", "2", "--log-every", "1", "--output-dir", str(out),
+                     "--overwrite"])
     assert over.returncode == 0, over.stderr[-3000:]
     previous = list((out / "previous-runs").iterdir())
     assert len(previous) == 1 and (previous[0] / "checkpoint-6" / "model.keras").is_file()
@@ -74,8 +76,8 @@ def test_run_writes_every_artifact_and_loads_back(tmp_path):
 
 def test_accumulation_and_token_budget(tmp_path):
     out = tmp_path / "run"
-    result = run_cli([*tiny_model_flags(), "--gradient-accumulation-steps", "2", "--total-tokens", "1024",
-                      "--log-every", "2", "--output-dir", str(out)])
+    result = run_main([*tiny_model_flags(), "--gradient-accumulation-steps", "2", "--total-tokens", "1024",
+                       "--log-every", "2", "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "= 4 steps" in result.stdout
     train, _ = _metrics(out)
@@ -86,8 +88,8 @@ def test_accumulation_and_token_budget(tmp_path):
 @pytest.mark.backends
 def test_nano_trains_20_steps_with_falling_loss(tmp_path):
     out = tmp_path / "run"
-    result = run_cli(["--model-preset", "nano", "--max-steps", "20", "--batch-size", "8", "--log-every", "5",
-                      "--eval-every", "20", "--output-dir", str(out)], timeout=900)
+    result = run_main(["--model-preset", "nano", "--max-steps", "20", "--batch-size", "8", "--log-every", "5",
+                       "--eval-every", "20", "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     train, val = _metrics(out)
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
@@ -96,10 +98,10 @@ def test_nano_trains_20_steps_with_falling_loss(tmp_path):
 
 def test_lora_fine_tune_from_a_checkpoint(tmp_path):
     base = tmp_path / "base"
-    assert run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(base)]).returncode == 0
+    assert run_main([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(base)]).returncode == 0
     tuned = tmp_path / "tuned"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(tuned), "--init-from",
-                      str(base / "checkpoint-2"), "--use-lora", "--lora-rank", "2", "--lora-alpha", "4"])
+    result = run_main([*tiny_model_flags(), "--max-steps", "2", "--output-dir", str(tuned), "--init-from",
+                       str(base / "checkpoint-2"), "--use-lora", "--lora-rank", "2", "--lora-alpha", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
     # rank 2 on qkv (32 -> 96) and out (32 -> 32) in 2 layers: 2 * (2 * (32 + 96) + 2 * (32 + 32))
     assert "768 trainable (LoRA rank 2 on qkv, out; the base is frozen)" in result.stdout
@@ -107,29 +109,30 @@ def test_lora_fine_tune_from_a_checkpoint(tmp_path):
     assert (tuned / "checkpoint-2" / "lora_adapter.npz").is_file()
     assert (tuned / "checkpoint-2" / "lora_config.json").is_file()
 
-    mismatch = run_cli([*tiny_model_flags(), "--num-layers", "3", "--max-steps", "2", "--output-dir",
-                        str(tmp_path / "x"), "--init-from", str(base / "checkpoint-2")])
+    mismatch = run_main([*tiny_model_flags(), "--num-layers", "3", "--max-steps", "2", "--output-dir",
+                         str(tmp_path / "x"), "--init-from", str(base / "checkpoint-2")])
     assert mismatch.returncode == 2
     assert "the checkpoint has num_layers=2 but this run builds num_layers=3" in mismatch.stderr
 
 
 def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
     out = tmp_path / "run"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "4", "--eval-every", "2", "--log-every", "2",
-                      "--learning-rate", "3e-3", "--output-dir", str(out)])
+    result = run_main([*tiny_model_flags(), "--max-steps", "4", "--eval-every", "2", "--log-every", "2",
+                       "--learning-rate", "3e-3", "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
     best = json.loads((out / "best_checkpoint" / "trainer_state.json").read_text())["step"]
     summary = json.loads((out / "training_summary.json").read_text())
     assert best == summary["best_step"] and best in (2, 4)
     assert not list(out.glob(".best_checkpoint*")), "the superseded best copy is removed"
 
-    evaluated = run_cli([*tiny_model_flags(), "--eval-only", "--json", "--init-from", str(out / "checkpoint-4"),
-                         "--output-dir", str(out)])
+    evaluated = run_main([*tiny_model_flags(), "--eval-only", "--json", "--init-from", str(out / "checkpoint-4"),
+                          "--output-dir", str(out)])
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     record = json.loads(evaluated.stdout.strip().splitlines()[-1])
     _, val = _metrics(out)
     assert record["val_loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
 
+    # In a real process: the exit status 3, with no traceback.
     blown = tmp_path / "blown"
     result = run_cli([*tiny_model_flags(), "--max-steps", "30", "--log-every", "5", "--save-every", "5",
                       "--warmup-steps", "1", "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd",
@@ -141,9 +144,9 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
     last_good = train[-1]["step"] if train else 0
     assert all(int(c.name.split("-")[1]) <= last_good for c in blown.glob("checkpoint-*"))
 
-    skipping = run_cli([*tiny_model_flags(), "--max-steps", "30", "--log-every", "1", "--warmup-steps", "1",
-                        "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd", "--skip-nonfinite", "3",
-                        "--output-dir", str(tmp_path / "skipping")])
+    skipping = run_main([*tiny_model_flags(), "--max-steps", "30", "--log-every", "1", "--warmup-steps", "1",
+                         "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd", "--skip-nonfinite", "3",
+                         "--output-dir", str(tmp_path / "skipping")])
     assert skipping.returncode == 3, skipping.stdout[-1500:]
     assert "with NaN or inf gradients" in skipping.stdout and "of --skip-nonfinite 3 used" in skipping.stdout
     assert "(more than --skip-nonfinite 3 updates)" in skipping.stderr
@@ -153,14 +156,14 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
 
 
 def test_eval_only_needs_a_checkpoint():
-    result = run_cli(["--eval-only", "--dry-run"])
+    result = run_main(["--eval-only", "--dry-run"])
     assert result.returncode == 2 and "--eval-only needs the checkpoint to evaluate" in result.stderr
 
 
 def test_retention_milestones_and_final_model(tmp_path):
     out = tmp_path / "run"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "8", "--save-every", "2", "--save-total-limit", "2",
-                      "--milestone-every", "4", "--log-every", "2", "--output-dir", str(out)])
+    result = run_main([*tiny_model_flags(), "--max-steps", "8", "--save-every", "2", "--save-total-limit", "2",
+                       "--milestone-every", "4", "--log-every", "2", "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-4", "milestone-8"]
