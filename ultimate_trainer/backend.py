@@ -198,16 +198,13 @@ def quiet_start(enabled=True):
 
 
 def init_devices():
-    """Makes the backend (and TensorFlow, which serves tf.data on every backend)
-    find its devices now, inside `quiet_start`, instead of at the first op."""
-    import keras
+    """Makes TensorFlow (which serves tf.data on every backend, and whose CUDA
+    probe writes the cuInit line) find its devices now, inside `quiet_start`,
+    instead of at the first op. jax is left alone: a multi-process run must
+    join its cluster (`distribution.setup`) before anything asks jax for devices."""
     import tensorflow as tf
 
     tf.config.list_physical_devices()
-    if keras.backend.backend() == "jax":
-        import jax
-
-        jax.devices()
 
 
 def compile_options(strategy=None):
