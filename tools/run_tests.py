@@ -11,6 +11,10 @@ compile or a CLI subprocess, and the backend runs fill those gaps. Their
 output is held back and printed, whole, once the jax run ends.
 `--dist loadgroup` keeps the tests of one `xdist_group` mark on one worker,
 for the ones that share a module-scoped fixture (a training run, emulators).
+Every jax process of the run (tests, CLI subprocesses, the docs' commands)
+shares one persistent compilation cache, in a directory that lives as long
+as the run: the same programs (a nano model's train step, say) are compiled
+once, not in each process.
 
 Example:
     python tools/run_tests.py            # default suite
@@ -41,10 +45,18 @@ def _counts(junit_path):
     return {"passed": tests - failed - skipped, "failed": failed, "skipped": skipped}
 
 
-def _start(backend, args, junit, log=None):
+def _jax_cache(directory):
+    """The environment that gives jax a persistent compilation cache in `directory`:
+    every program, however quick to compile, and with a size limit, which is what
+    turns on jax's file lock for processes that read and write it together."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}
+
+
+def _start(backend, args, junit, env, log=None):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
     print(f"== {backend}: {' '.join(cmd[3:])}" + (" (output below when the jax run ends)" if log else ""), flush=True)
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, KERAS_BACKEND=backend), stdout=log,
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(env, KERAS_BACKEND=backend), stdout=log,
                             stderr=subprocess.STDOUT if log else None)
 
 
@@ -60,12 +72,13 @@ def main(argv):
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        env = {**_jax_cache(tmp / "jax-cache"), **os.environ}  # a cache set by the caller wins
         # The backend runs start first, so that their imports overlap the jax run's collection.
         running = []
         for backend, marker in others:
             log = open(tmp / f"{backend}.log", "w+")
-            running.append((backend, _start(backend, [*marker, *extra], tmp / f"{backend}.xml", log), log))
-        running.insert(0, ("jax", _start("jax", [*workers, *jax, *extra], tmp / "jax.xml"), None))
+            running.append((backend, _start(backend, [*marker, *extra], tmp / f"{backend}.xml", env, log), log))
+        running.insert(0, ("jax", _start("jax", [*workers, *jax, *extra], tmp / "jax.xml", env), None))
         for backend, process, log in running:
             code = process.wait()
             if log is not None:
