@@ -279,7 +279,7 @@ def test_recipes_command(capsys):
 
 def test_train_recipe_is_the_recipe_file_with_overrides():
     by_name = parse_config(["--recipe", "ttt-125m", "--learning-rate", "1e-3"])
-    by_file = parse_config(["--config", str(recipes.PRESETS_DIR / "ttt-125m.yaml"), "--learning-rate", "1e-3"])
+    by_file = parse_config(["--config", str(recipes.RECIPES_DIR / "ttt-125m.yaml"), "--learning-rate", "1e-3"])
     assert by_name.training.learning_rate == 1e-3 and by_name.model.ttt_layer_type == "ttt_linear"
     a, b = by_name.to_dict(), by_file.to_dict()
     assert a["run"].pop("recipe") == "ttt-125m" and b["run"].pop("config").endswith("ttt-125m.yaml")
@@ -310,7 +310,7 @@ def test_errors_are_one_line(capsys, args, message):
     assert captured.out == ""
 
 
-def test_without_presets_the_launcher_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(recipes, "PRESETS_DIR", tmp_path / "missing")
+def test_without_recipes_the_launcher_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path / "missing")
     with pytest.raises(config_lib.UserError, match="no recipes found in .*pass a YAML file with --config"):
         recipes.recipe_path("ttt-125m")

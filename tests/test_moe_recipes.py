@@ -142,7 +142,7 @@ def test_muon_takes_weight_decay():
     ("moe-500m", 768, 12, 530_541_312), ("moe-1b", 1024, 16, 938_116_096), ("moe-1.5b", 1536, 20, 1_514_190_336),
 ])
 def test_moe_recipes(name, d_model, layers, total):
-    path = REPO / "ultimate_trainer" / "presets" / f"{name}.yaml"
+    path = REPO / "ultimate_trainer" / "recipes" / f"{name}.yaml"
     cfg = resolve_config({"run.config": str(path)})
     m, t = cfg.model, cfg.training
     assert (m.d_model, m.num_layers, m.num_experts, m.experts_top_k) == (d_model, layers, 8, 2)

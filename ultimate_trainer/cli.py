@@ -266,7 +266,7 @@ def _recipes(argv):
     from ultimate_trainer import recipes
 
     parser = _Parser(prog="ultimate-trainer recipes",
-                     description="The shipped recipes (ultimate_trainer/presets/*.yaml); train one with `train --recipe NAME`.")
+                     description="The shipped recipes (ultimate_trainer/recipes/*.yaml); train one with `train --recipe NAME`.")
     parser.add_argument("--device-type", default=cost_lib.DEFAULT_DEVICE, metavar="|".join(cost_lib.device_names()),
                         help=f"device to price the runs on, in the precision training uses there "
                              f"(default: {cost_lib.DEFAULT_DEVICE})")

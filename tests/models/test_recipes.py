@@ -1,4 +1,4 @@
-"""The recipe presets: exact parameter counts against the published sizes."""
+"""The shipped recipes: exact parameter counts against the published sizes."""
 
 from pathlib import Path
 
@@ -6,13 +6,13 @@ import pytest
 
 from ultimate_trainer.config import load_recipe
 from ultimate_trainer.models import sizing
-from ultimate_trainer.recipes import PRESETS_DIR as PRESETS
+from ultimate_trainer.recipes import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _count(name):
-    values = {k.split(".", 1)[1]: v for k, v in load_recipe(PRESETS / f"{name}.yaml").items()}
+    values = {k.split(".", 1)[1]: v for k, v in load_recipe(RECIPES_DIR / f"{name}.yaml").items()}
     return sizing.count_params(
         values["vocab_size"], values["d_model"], values["num_layers"], values["num_heads"], values["d_ff"],
         values["seq_len"], use_rope=values.get("use_rope", True), use_rmsnorm=values.get("use_rmsnorm", True),
@@ -29,7 +29,7 @@ def test_recipe_parameter_counts(name, exact, stated):
     counts = _count(name)
     assert counts.total == exact
     assert abs(counts.total / stated - 1) < 0.005  # the recipe's rounded figure
-    assert f"{exact:,}" in (PRESETS / f"{name}.yaml").read_text()
+    assert f"{exact:,}" in (RECIPES_DIR / f"{name}.yaml").read_text()
 
 
 def test_models_doc_preset_table_matches_the_formula():
@@ -55,7 +55,7 @@ def test_the_136b_pair_differs_in_the_block_only():
         assert (t.learning_rate, t.min_lr_ratio, t.weight_decay, t.grad_clip, t.optimizer) == (3e-4, 0.1, 0.1, 1.0,
                                                                                                 "adamw")
         assert t.global_batch_size * t.max_steps * cfg.model.seq_len == 26_214_400_000
-        assert f"{26_214_400_000:,}" in (PRESETS / f"{cfg.run.recipe}.yaml").read_text()
+        assert f"{26_214_400_000:,}" in (RECIPES_DIR / f"{cfg.run.recipe}.yaml").read_text()
         assert cfg.optimization.use_mixed_precision and cfg.model.dropout_rate == 0.0
         assert (cfg.output.eval_every, cfg.output.eval_steps, cfg.output.save_every) == (1000, 50, 1000)
     assert llama.tokenizer.vocab_size == 32000 and gpt2.tokenizer.vocab_size == 50257
@@ -72,7 +72,7 @@ def test_the_136b_pair_differs_in_the_block_only():
 def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_tokens):
     from ultimate_trainer.config import resolve_config, ttt_kind
 
-    cfg = resolve_config({"run.config": str(PRESETS / f"{name}.yaml")})
+    cfg = resolve_config({"run.config": str(RECIPES_DIR / f"{name}.yaml")})
     m, t = cfg.model, cfg.training
     assert ttt_kind(m) == "linear" and m.num_layers == layers and m.seq_len == 2048
     assert t.batch_size * t.gradient_accumulation_steps == 256 and t.warmup_steps == t.max_steps // 10
@@ -84,7 +84,7 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
     tokens = t.max_steps * 256 * 2048
     # The paper counts 2^19 tokens per step as "0.5M": its budgets are ours / 1.048576.
     assert tokens / 1.048576 == pytest.approx(stated_tokens, rel=1e-3)
-    assert f"{tokens:,}" in (PRESETS / f"{name}.yaml").read_text()
+    assert f"{tokens:,}" in (RECIPES_DIR / f"{name}.yaml").read_text()
     counts = sizing.count_params(32000, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
                                  tie_embeddings=True, ttt_layer_type="linear", ttt_mini_batch_size=16)
     assert counts.total > 0.85 * float(name.split("-")[1].replace("m", "e6").replace("b", "e9"))
@@ -95,7 +95,7 @@ def test_ttt_recipe_batch_adapts_to_the_device_count(devices, batch, accumulatio
     from ultimate_trainer.config import resolve_batch, resolve_config
     from ultimate_trainer.errors import UserError
 
-    t = resolve_config({"run.config": str(PRESETS / "ttt-125m.yaml")}).training
+    t = resolve_config({"run.config": str(RECIPES_DIR / "ttt-125m.yaml")}).training
     if not accumulation:  # 16 x 32 > 256: no accumulation count reaches the global batch
         with pytest.raises(UserError, match="--global-batch-size 256 is not a multiple of --batch-size 32 x 16"):
             resolve_batch(t, devices)

@@ -1,8 +1,8 @@
-"""The shipped recipes: YAML files in `ultimate_trainer/presets/`, found by name.
+"""The shipped recipes: the YAML files beside this module, found by name.
 
 They are package data (setup.cfg), so `--recipe NAME` works from any install,
 not only a checkout. `ultimate-trainer train --recipe ttt-125m` is
-`--config <package>/presets/ttt-125m.yaml`; `ultimate-trainer recipes` lists
+`--config <package>/recipes/ttt-125m.yaml`; `ultimate-trainer recipes` lists
 them with their size and cost (`cost.py`). Nothing here imports keras.
 
 Example:
@@ -15,24 +15,24 @@ from pathlib import Path
 
 from ultimate_trainer.errors import UserError
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+RECIPES_DIR = Path(__file__).resolve().parent
 
 
 def recipe_names():
     """Names of the shipped recipes, sorted."""
-    if not PRESETS_DIR.is_dir():
+    if not RECIPES_DIR.is_dir():
         return []
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def recipe_path(name):
     """The YAML file of the recipe `name`; a `UserError` naming the nearest one otherwise."""
     names = recipe_names()
     if name in names:
-        return PRESETS_DIR / f"{name}.yaml"
+        return RECIPES_DIR / f"{name}.yaml"
     if not names:
         raise UserError(
-            f"--recipe {name}: no recipes found in {PRESETS_DIR} (this install lacks the package data; "
+            f"--recipe {name}: no recipes found in {RECIPES_DIR} (this install lacks the package data; "
             f"reinstall ultimate_trainer); pass a YAML file with --config instead"
         )
     near = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
