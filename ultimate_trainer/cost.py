@@ -17,7 +17,13 @@ import dataclasses
 import difflib
 import math
 
+from rich.console import Console
+from rich.table import Table
+
 from ultimate_trainer import config as config_lib
+from ultimate_trainer import recipes
+from ultimate_trainer.backend import bf16_missing
+from ultimate_trainer.distribution import trains_in_bfloat16
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
 from ultimate_trainer.training import mfu as mfu_lib
@@ -113,9 +119,6 @@ def training_precision(cfg, device_type):
         >>> training_precision(cfg, "v100")[1]
         'float32: v100 (compute capability 7.0) has no bfloat16'
     """
-    from ultimate_trainer.backend import bf16_missing
-    from ultimate_trainer.distribution import trains_in_bfloat16
-
     asked = "optimization.use_mixed_precision" in cfg.explicit
     flag = "--use-mixed-precision" if cfg.optimization.use_mixed_precision else "--no-use-mixed-precision"
     if device_type is None:
@@ -324,7 +327,54 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
     `DEFAULT_DEVICE`, or a device known only by --peak-flops when that is
     given) run the step, laid out by `sharding`, in the precision training
     would use there (`training_precision`).
+
+    Example:
+        report = estimate(resolve_config({"model.model_preset": "nano", "training.max_steps": 20}))
+        report["time"]["hours"]  # at DEFAULT_MFU on one DEFAULT_DEVICE
     """
+    _check_request(cfg, devices, sharding, mfu, wall_seconds)
+    m = cfg.model
+    vocab = config_lib.planned_vocab_size(cfg)
+    architecture, params, flops = model_summary(m, vocab)
+    split = flops_split(m, vocab, params)
+    assert sum(split.values()) == flops, (split, flops)  # the split must add up to what training logs
+    data_parallel = 1 if sharding == "model" else devices
+    budget = _budget(cfg, params, data_parallel)
+    total_flops = flops * budget["tokens"]
+
+    if device_type is None and not cfg.training.peak_flops:
+        device_type = DEFAULT_DEVICE
+    mixed, precision_source = training_precision(cfg, device_type)
+    hardware = _hardware(cfg, device_type, devices, mixed, precision_source)
+    case = MemoryCase(budget["micro_batch"], budget["accumulation"], sharding, devices, remat)
+    memory = {
+        "sharding": sharding, "devices": devices, "remat": remat,
+        "per_device": memory_per_device(cfg, vocab, params, case, mixed),
+        "variants": [
+            {"label": label, "micro_batch": c.micro_batch, "accumulation_steps": c.accumulation, "sharding": c.sharding,
+             "remat": c.remat, **memory_per_device(cfg, vocab, params, c, mixed)}
+            for label, c in _memory_variants(case, data_parallel)
+        ],
+    }
+    chinchilla, notes = _chinchilla(m, architecture, params, budget["tokens"])
+    if budget["batch_rule"]:
+        notes.append(budget["batch_rule"])
+    return {
+        "model": architecture,
+        "parameters": params,
+        "flops_per_token": {"total": flops, **split},
+        "budget": {k: v for k, v in budget.items() if k != "batch_rule"},
+        "total_flops": total_flops,
+        "hardware": hardware,
+        "time": _time(total_flops, devices, hardware["peak_flops_per_device"], mfu, wall_seconds),
+        "memory": memory,
+        "chinchilla": chinchilla,
+        "notes": notes,
+    }
+
+
+def _check_request(cfg, devices, sharding, mfu, wall_seconds):
+    """`UserError` for a cost question that has no answer: bad numbers, or a run sized by its data."""
     if devices < 1:
         raise UserError(f"--devices must be at least 1, got {devices}")
     if sharding not in SHARDING:
@@ -336,28 +386,24 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
     if cfg.tokenizer.auto_vocab_size and not cfg.tokenizer.tokenizer_path:
         raise UserError("--auto-vocab-size picks the vocab from the data, which cost does not read; "
                         "pass --vocab-size N (a dry run prints the size it picks)")
-    t = cfg.training
     if "training.epochs" in cfg.explicit:
         raise UserError("--epochs: a run's length in epochs depends on its data, which cost does not read; "
                         "give --total-tokens N or --max-steps N")
-    m = cfg.model
-    vocab = config_lib.planned_vocab_size(cfg)
-    architecture, params, flops = model_summary(m, vocab)
-    split = flops_split(m, vocab, params)
-    assert sum(split.values()) == flops, (split, flops)  # the split must add up to what training logs
-    data_parallel = 1 if sharding == "model" else devices
-    budget = _budget(cfg, params, data_parallel)
-    total_flops = flops * budget["tokens"]
 
-    if device_type is None and not t.peak_flops:
-        device_type = DEFAULT_DEVICE
-    mixed, precision_source = training_precision(cfg, device_type)
+
+def _hardware(cfg, device_type, devices, mixed, precision_source):
+    """The devices, their precision and peak FLOP/s (--peak-flops, else the data sheet)."""
     precision = "bfloat16" if mixed else "float32"
-    if t.peak_flops:
-        peak, peak_source = t.peak_flops, "--peak-flops"
+    if cfg.training.peak_flops:
+        peak, peak_source = cfg.training.peak_flops, "--peak-flops"
     else:
-        peak = device_peak(device_type, mixed)
-        peak_source = f"data sheet of {device_type}, {precision}"
+        peak, peak_source = device_peak(device_type, mixed), f"data sheet of {device_type}, {precision}"
+    return {"device_type": device_type, "devices": devices, "precision": precision,
+            "precision_source": precision_source, "peak_flops_per_device": peak, "peak_source": peak_source}
+
+
+def _time(total_flops, devices, peak, mfu, wall_seconds):
+    """The run's time at `mfu`, or the MFU that `wall_seconds` implies."""
     if wall_seconds is not None:
         seconds = wall_seconds
         used_mfu = total_flops / (seconds * devices * peak)
@@ -366,8 +412,12 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
         used_mfu = DEFAULT_MFU if mfu is None else mfu
         seconds = total_flops / (devices * peak * used_mfu)
         mfu_source = "--mfu" if mfu is not None else f"default {DEFAULT_MFU:g}"
+    return {"mfu": used_mfu, "mfu_source": mfu_source, "seconds": seconds, "hours": seconds / 3600,
+            "device_hours": seconds * devices / 3600}
 
-    case = MemoryCase(budget["micro_batch"], budget["accumulation"], sharding, devices, remat)
+
+def _memory_variants(case, data_parallel):
+    """(label, `MemoryCase`): the configured layout and the ones next to it, at the same global batch."""
     variants = [("as configured", case)]
     if case.accumulation > 1:
         variants.append(("no accumulation",
@@ -375,29 +425,24 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
     elif case.micro_batch % 2 == 0:
         variants.append(("accumulation 2",
                          dataclasses.replace(case, micro_batch=case.micro_batch // 2, accumulation=2)))
-    variants.append(("without remat" if remat else "with remat", dataclasses.replace(case, remat=not remat)))
-    if devices > 1:
+    variants.append(("without remat" if case.remat else "with remat", dataclasses.replace(case, remat=not case.remat)))
+    if case.devices > 1:
         for kind in SHARDING:
-            if kind != sharding:
+            if kind != case.sharding:
                 # The same global batch: tensor parallelism runs all of it on every device.
                 if kind == "model":
                     other = dataclasses.replace(case, sharding=kind, micro_batch=case.micro_batch * data_parallel)
-                elif sharding == "model":
+                elif case.sharding == "model":
                     other = dataclasses.replace(case, sharding=kind,
-                                                micro_batch=max(1, case.micro_batch // devices))
+                                                micro_batch=max(1, case.micro_batch // case.devices))
                 else:
                     other = dataclasses.replace(case, sharding=kind)
                 variants.append((f"{kind} sharding", other))
-    memory = {
-        "sharding": sharding, "devices": devices, "remat": remat,
-        "per_device": memory_per_device(cfg, vocab, params, case, mixed),
-        "variants": [
-            {"label": label, "micro_batch": c.micro_batch, "accumulation_steps": c.accumulation, "sharding": c.sharding,
-             "remat": c.remat, **memory_per_device(cfg, vocab, params, c, mixed)}
-            for label, c in variants
-        ],
-    }
+    return variants
 
+
+def _chinchilla(m, architecture, params, tokens):
+    """The Chinchilla check of a run of `tokens` tokens, and notes on where the fit does not hold."""
     notes = []
     n = params["total"]
     if m.num_experts:
@@ -409,29 +454,14 @@ def estimate(cfg, device_type=None, devices=1, mfu=None, wall_seconds=None, shar
     if not FIT_RANGE[0] <= n <= FIT_RANGE[1]:
         notes.append(f"{n:,} parameters lie outside the {_count(FIT_RANGE[0])}-{_count(FIT_RANGE[1])} models the "
                      f"Chinchilla fit was made on; its loss is an extrapolation")
-    if budget["batch_rule"]:
-        notes.append(budget["batch_rule"])
     return {
-        "model": architecture,
-        "parameters": params,
-        "flops_per_token": {"total": flops, **split},
-        "budget": {k: v for k, v in budget.items() if k != "batch_rule"},
-        "total_flops": total_flops,
-        "hardware": {"device_type": device_type, "devices": devices, "precision": precision,
-                     "precision_source": precision_source, "peak_flops_per_device": peak, "peak_source": peak_source},
-        "time": {"mfu": used_mfu, "mfu_source": mfu_source, "seconds": seconds, "hours": seconds / 3600,
-                 "device_hours": seconds * devices / 3600},
-        "memory": memory,
-        "chinchilla": {
-            "fit": CHINCHILLA_FIT,
-            "params": n,
-            "optimal_tokens": chinchilla_tokens(n),
-            "tokens_per_param": budget["tokens"] / n,
-            "predicted_loss": chinchilla_loss(n, budget["tokens"]),
-            "predicted_loss_at_optimal_tokens": chinchilla_loss(n, chinchilla_tokens(n)),
-        },
-        "notes": notes,
-    }
+        "fit": CHINCHILLA_FIT,
+        "params": n,
+        "optimal_tokens": chinchilla_tokens(n),
+        "tokens_per_param": tokens / n,
+        "predicted_loss": chinchilla_loss(n, tokens),
+        "predicted_loss_at_optimal_tokens": chinchilla_loss(n, chinchilla_tokens(n)),
+    }, notes
 
 
 def _count(value):
@@ -461,9 +491,6 @@ def render(report, console=None):
     Example:
         render(estimate(resolve_config({"model.model_preset": "nano", "training.max_steps": 20})))
     """
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=120)
     p, f, b, h, t = (report[k] for k in ("parameters", "flops_per_token", "budget", "hardware", "time"))
     a = report["model"]
@@ -529,8 +556,6 @@ def recipe_table(names, device_type=DEFAULT_DEVICE, mfu=DEFAULT_MFU):
     """
     rows = []
     for name in names:
-        from ultimate_trainer import recipes
-
         cfg = config_lib.resolve_config({"run.recipe": name})
         report = estimate(cfg, device_type=device_type, devices=1, mfu=mfu)
         p, b = report["parameters"], report["budget"]
@@ -555,9 +580,6 @@ def recipe_table(names, device_type=DEFAULT_DEVICE, mfu=DEFAULT_MFU):
 
 def render_recipes(rows, device_type, mfu, console=None):
     """Prints `recipe_table` rows as a table (rich)."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=132)
     table = Table(title=f"shipped recipes (train one with `ultimate-trainer train --recipe NAME`)",
                   title_justify="left")
