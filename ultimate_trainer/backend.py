@@ -7,7 +7,10 @@ each backend's own runtime what it sees.
 
 import collections
 import contextlib
+import ctypes
 import functools
+import glob
+import importlib.util
 import os
 import sys
 import tempfile
@@ -43,8 +46,6 @@ def detect_device_kind(environ=None):
         >>> detect_device_kind({"TPU_ACCELERATOR_TYPE": "v5e-8"})
         'tpu'
     """
-    import glob
-
     environ = os.environ if environ is None else environ
     tpu_variables = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR")
     if any(environ.get(k) for k in tpu_variables) or glob.glob("/dev/accel[0-9]*"):
@@ -67,6 +68,7 @@ def needs_jax(cfg):
         return f"--distribution {d.distribution}"
     if d.coordinator_address or (d.num_processes or 1) > 1:
         return "a multi-process run (--coordinator-address / --num-processes)"
+    # lazy: distribution imports backend; the cycle goes when cluster_settings moves to config/ (issue 22)
     from ultimate_trainer.distribution import cluster_settings
 
     if cluster_settings(d):
@@ -93,8 +95,6 @@ def auto_backend(cfg=None, device_kind=None, installed=None):
         >>> auto_backend(device_kind="tpu", installed=("jax", "torch", "tensorflow"))[0]
         'jax'
     """
-    import importlib.util
-
     if installed is None:
         installed = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
     feature = needs_jax(cfg)
@@ -135,19 +135,17 @@ def select_backend(requested=None, cfg=None, default="auto"):
         name, reason = default, "the default"
     else:
         if "keras" in sys.modules:  # already loaded (a test, a notebook): auto keeps what is running
-            import keras
-
-            name, reason = keras.backend.backend(), "auto: keras was already imported with this backend"
+            name = sys.modules["keras"].backend.backend()
+            reason = "auto: keras was already imported with this backend"
         else:
             name, reason = auto_backend(cfg)
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r} (from {reason}); use one of {', '.join(BACKENDS)}")
     if "keras" in sys.modules:
-        import keras
-
-        if keras.backend.backend() != name:
+        running = sys.modules["keras"].backend.backend()
+        if running != name:
             raise UserError(
-                f"keras was already imported with the {keras.backend.backend()} backend; "
+                f"keras was already imported with the {running} backend; "
                 f"start a new process to use {name}"
             )
     os.environ["KERAS_BACKEND"] = name
@@ -202,6 +200,7 @@ def init_devices():
     probe writes the cuInit line) find its devices now, inside `quiet_start`,
     instead of at the first op. jax is left alone: a multi-process run must
     join its cluster (`distribution.setup`) before anything asks jax for devices."""
+    # heavy: tensorflow takes seconds to load; callers load it inside quiet_start
     import tensorflow as tf
 
     tf.config.list_physical_devices()
@@ -221,6 +220,7 @@ def compile_options(strategy=None):
     Example:
         model.compile(optimizer=opt, loss=loss, **compile_options())
     """
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     if keras.backend.backend() != "tensorflow" or strategy is not None:
@@ -248,9 +248,11 @@ def cpu_matmul(dtype, name=None):
         library, threads, make_product = cpu_matmul("bfloat16", "jax")
         make_product(1024)()  # one 1024 x 1024 x 1024 product, finished
     """
+    # heavy: numpy is needed to measure a peak, not to pick a backend
     import numpy as np
 
     if name is None:
+        # heavy: keras picks its backend on import, so it loads after select_backend
         import keras
 
         name = keras.backend.backend()
@@ -260,6 +262,7 @@ def cpu_matmul(dtype, name=None):
         return np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
 
     if name == "jax":
+        # heavy: only the running backend's framework loads
         import jax
         import jax.numpy as jnp
 
@@ -273,6 +276,7 @@ def cpu_matmul(dtype, name=None):
         # XLA's CPU client runs one thread per schedulable CPU.
         return f"jax {jax.__version__} (XLA)", usable, make_product
     if name == "torch":
+        # heavy: only the running backend's framework loads
         import torch
 
         def make_product(n):
@@ -280,6 +284,7 @@ def cpu_matmul(dtype, name=None):
             return lambda: torch.matmul(a, b)
 
         return f"torch {torch.__version__}", torch.get_num_threads(), make_product
+    # heavy: only the running backend's framework loads
     import tensorflow as tf
 
     xla = _tensorflow_uses_xla(dtype)
@@ -330,8 +335,6 @@ def tune_allocator(environ=None):
 
 @functools.lru_cache(maxsize=None)
 def _glibc_mallopt():
-    import ctypes
-
     try:
         return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and others: no glibc mallopt
@@ -362,16 +365,19 @@ def restore_allocator():
 
 def describe_devices():
     """{"backend", "backend_version", "keras_version", "devices": {kind: count}}."""
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     name = keras.backend.backend()
     if name == "jax":
+        # heavy: only the running backend's framework loads
         import jax
 
         version = jax.__version__
         kinds = collections.Counter(d.platform for d in jax.devices())
         names = [d.device_kind for d in jax.devices()]
     elif name == "torch":
+        # heavy: only the running backend's framework loads
         import torch
 
         version = torch.__version__
@@ -381,6 +387,7 @@ def describe_devices():
             kinds["gpu"] = torch.cuda.device_count()
             names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
+        # heavy: only the running backend's framework loads
         import tensorflow as tf
 
         version = tf.__version__
@@ -420,10 +427,12 @@ def compile_model_fn(model, fn):
         step = compile_model_fn(model, model.call_with_cache)
         logits, cache = step(ids, cache, np.int32(0))
     """
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     name = keras.backend.backend()
     if name == "jax":
+        # heavy: only the running backend's framework loads
         import jax
 
         variables = list(model.variables)
@@ -435,6 +444,7 @@ def compile_model_fn(model, fn):
         jitted = jax.jit(pure)
         return lambda *args: jitted([v.value for v in variables], *args)
     if name == "tensorflow":
+        # heavy: only the running backend's framework loads
         import tensorflow as tf
 
         return tf.function(fn, reduce_retracing=True)
@@ -452,11 +462,11 @@ def no_grad():
         with no_grad():
             logits = model(ids)
     """
-    import contextlib
-
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     if keras.backend.backend() == "torch":
+        # heavy: only the running backend's framework loads
         import torch
 
         return torch.no_grad()
@@ -474,10 +484,12 @@ def scan(f, init, xs, y_like):
     Example:
         carry, ys = scan(step, (w, b), (q_blocks, k_blocks), q_blocks[0])
     """
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     if keras.backend.backend() != "tensorflow":
         return keras.ops.scan(f, init, xs)
+    # heavy: only the running backend's framework loads
     import tensorflow as tf
 
     def body(acc, x):
@@ -496,23 +508,27 @@ def bf16_unsupported_reason():
     Example:
         reason = bf16_unsupported_reason()   # e.g. "Tesla V100 (compute capability 7.0) has no bfloat16"
     """
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     name = keras.backend.backend()
     capabilities = []  # (device name, (major, minor)) of each GPU
     if name == "jax":
+        # heavy: only the running backend's framework loads
         import jax
 
         for d in jax.devices():
             if d.platform == "gpu" and getattr(d, "compute_capability", None):
                 capabilities.append((d.device_kind, tuple(int(p) for p in str(d.compute_capability).split(".")[:2])))
     elif name == "torch":
+        # heavy: only the running backend's framework loads
         import torch
 
         if torch.cuda.is_available():
             capabilities = [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
                             for i in range(torch.cuda.device_count())]
     else:
+        # heavy: only the running backend's framework loads
         import tensorflow as tf
 
         for d in tf.config.list_physical_devices("GPU"):
@@ -553,10 +569,12 @@ def replica_summed_gradients(grads):
         norm = global_norm(grads)
         grads = [g * scale / replicas for g in grads]
     """
+    # heavy: keras picks its backend on import, so it loads after select_backend
     import keras
 
     if keras.backend.backend() != "tensorflow":
         return grads, 1
+    # heavy: only the running backend's framework loads
     import tensorflow as tf
 
     context = tf.distribute.get_replica_context()

@@ -209,6 +209,7 @@ class Bucket:
 
 class S3Bucket(Bucket):
     def __init__(self, bucket, region=None, endpoint_url=None):
+        # heavy: the S3 SDK (boto3) loads only for --cloud-provider s3
         import boto3
         from boto3.s3.transfer import TransferConfig
 
@@ -228,6 +229,7 @@ class S3Bucket(Bucket):
         return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
     def delete(self, keys):
+        # heavy: loaded already by S3Bucket.__init__; at the top it would load for every run
         from botocore.exceptions import ClientError
 
         keys = list(keys)
@@ -247,11 +249,13 @@ class S3Bucket(Bucket):
 
 class GCSBucket(Bucket):
     def __init__(self, bucket, endpoint_url=None):
+        # heavy: the GCS SDK loads only for --cloud-provider gcs
         from google.cloud import storage
 
         super().__init__("gcs", bucket)
         endpoint = endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
         if endpoint:
+            # heavy: part of the GCS SDK, needed only for an emulator endpoint
             from google.auth.credentials import AnonymousCredentials
 
             client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
@@ -272,6 +276,7 @@ class GCSBucket(Bucket):
         return {b.name: b.size for b in self.client.list_blobs(self.bucket, prefix=prefix)}
 
     def delete(self, keys):
+        # heavy: loaded already by GCSBucket.__init__; at the top it would load for every run
         from google.api_core.exceptions import NotFound
 
         for key in keys:
@@ -286,6 +291,7 @@ class GCSBucket(Bucket):
 
 class AzureBucket(Bucket):
     def __init__(self, container, account_name=None, sas_token=None, endpoint_url=None):
+        # heavy: the Azure SDK loads only for --cloud-provider azure
         from azure.storage.blob import BlobServiceClient
 
         super().__init__("azure", container)
@@ -332,6 +338,7 @@ class AzureBucket(Bucket):
         return {b.name: b.size for b in self.container.list_blobs(name_starts_with=prefix)}
 
     def delete(self, keys):
+        # heavy: loaded already by AzureBucket.__init__; at the top it would load for every run
         from azure.core.exceptions import ResourceNotFoundError
 
         for key in keys:

@@ -201,8 +201,10 @@ class TokenStore:
 
 def shard_train_dataset(store, seq_len, batch_size, stride=None, seed=0, start_window=0):
     """Endless batches `(inputs, targets)` from shards, starting at global window `start_window`."""
+    # heavy: tensorflow takes seconds to load; prepare-data and the plan use this module without it
     import tensorflow as tf
 
+    # heavy: pipeline loads tensorflow
     from ultimate_trainer.data.pipeline import window_step, windows_in
 
     window, step = window_step(seq_len, stride)
@@ -222,6 +224,7 @@ def shard_train_dataset(store, seq_len, batch_size, stride=None, seed=0, start_w
 def _batches_at(store, offsets, start_window, batch_size, window):
     """Endless batches of the windows that start at token `offsets(n)` for global
     windows n = start_window, start_window + 1, ..., read from the memmap."""
+    # heavy: tensorflow takes seconds to load; prepare-data and the plan use this module without it
     import tensorflow as tf
 
     def read(batch_offsets):
@@ -239,6 +242,7 @@ def shard_row_dataset(store, seq_len, rows, start_window=0):
     stream r in order, each window starting at the previous one's last target;
     each epoch restarts the streams. Global window n is row n % rows of step
     n // rows, so resuming at window n costs nothing."""
+    # heavy: pipeline loads tensorflow
     from ultimate_trainer.data.pipeline import window_step, windows_in
 
     window, step = window_step(seq_len, None)
@@ -259,8 +263,10 @@ def shard_row_dataset(store, seq_len, rows, start_window=0):
 
 def shard_eval_dataset(store, seq_len, batch_size):
     """One ordered pass over the split in non-overlapping windows."""
+    # heavy: tensorflow takes seconds to load; prepare-data and the plan use this module without it
     import tensorflow as tf
 
+    # heavy: pipeline loads tensorflow
     from ultimate_trainer.data.pipeline import windows_in
 
     window = seq_len + 1

@@ -42,6 +42,8 @@ import json
 import os
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from ultimate_trainer.errors import UserError
@@ -80,6 +82,7 @@ def default_records():
         >>> len(records) > 200
         True
     """
+    # heavy: the stdlib's help topics, over 1 MB of text, load only for the default data
     from pydoc_data.topics import topics
 
     records = []
@@ -286,6 +289,7 @@ def _read_csv(path, column, stats):
 
 def _read_parquet(path, column, stats):
     try:
+        # optional: pyarrow, for .parquet files only
         import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
@@ -303,6 +307,7 @@ def _read_parquet(path, column, stats):
 
 
 def _read_tfrecord(path, column, stats):
+    # heavy: tensorflow takes seconds to load; only .tfrecord files need it here
     import tensorflow as tf
 
     compression = "GZIP" if str(path).lower().endswith(".gz") else ""
@@ -384,9 +389,6 @@ def hub_reachable(timeout=NETWORK_TIMEOUT_S):
     answered = []
 
     def probe():
-        import urllib.error
-        import urllib.request
-
         try:
             urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout).close()
             answered.append(True)
@@ -439,6 +441,7 @@ def _hub_records(data_cfg, split, stats):
     if not local.exists():
         _require_hub(d.dataset_id)
     try:
+        # heavy: datasets (with pandas and pyarrow) loads only for --dataset-id; an install may lack it
         import datasets
     except ImportError:
         raise UserError(f"--dataset-id needs the datasets library; pip install '{DATASETS_PIN}'") from None

@@ -30,6 +30,7 @@ normalized (identity rule, no dummy prefix, spaces kept), so
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -37,6 +38,9 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
 
 from ultimate_trainer.errors import UserError
 
@@ -84,8 +88,6 @@ def _digest(*parts):
 
 
 def _as_list(values):
-    import numpy as np
-
     return np.asarray(values).reshape(-1).tolist()
 
 
@@ -144,6 +146,7 @@ class ByteTokenizer(_Tokenizer):
 
     def tf_encode(self, text):
         """Encodes one scalar tf.string inside a tf.data map; returns int32 ids."""
+        # heavy: tensorflow takes seconds to load; the plan and prepare-data's checks use tokenizers without it
         import tensorflow as tf
 
         return tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
@@ -172,8 +175,6 @@ class SentencePieceTokenizer(_Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_proto, origin=None, where="the SentencePiece model"):
-        import sentencepiece as spm
-
         self.model_proto = bytes(model_proto)
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -212,8 +213,10 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def tf_encode(self, text):
         """Encodes one scalar tf.string inside a tf.data map (tensorflow_text); returns int32 ids."""
+        # heavy: tensorflow takes seconds to load; the plan and prepare-data's checks use tokenizers without it
         import tensorflow as tf
 
+        # heavy: tensorflow_text registers its ops with tensorflow; only the SentencePiece tf.data path needs it
         import tensorflow_text
 
         # A fresh op per traced map: tensorflow_text's model resource belongs to
@@ -246,6 +249,7 @@ class BPETokenizer(_Tokenizer):
     EOS_TOKEN = "<|endoftext|>"
 
     def __init__(self, vocabulary, merges, origin=None):
+        # heavy: keras_hub loads keras, whose backend must be chosen first, and tensorflow
         from keras_hub.tokenizers import BytePairTokenizer
 
         self.vocabulary = dict(vocabulary)
@@ -269,6 +273,7 @@ class BPETokenizer(_Tokenizer):
         return cls(vocabulary, merges, origin=origin or {"path": str(Path(vocab_path).parent)})
 
     def encode(self, text):
+        # heavy: tensorflow takes seconds to load; the plan and prepare-data's checks use tokenizers without it
         import tensorflow as tf
 
         return _as_list(self._layer.tokenize(tf.constant(text)))
@@ -345,8 +350,6 @@ def train_sentencepiece(texts, vocab_size, model_type="bpe"):
     Raises `VocabTooLarge` (a `UserError`) when the text cannot support
     `vocab_size` pieces, with `max_size` when the trainer says what would work.
     """
-    import sentencepiece as spm
-
     proto = io.BytesIO()
     options = dict(SP_TRAINER_OPTIONS, vocab_size=vocab_size, model_type=model_type, num_threads=os.cpu_count() or 1)
     try:
@@ -634,8 +637,6 @@ def make_tokenizer(tokenizer_cfg, train_records=(), heldout_records=(), output_d
                 f"{tokenizer.fingerprint()}); --retrain-tokenizer trains a new one"
             )
             return tokenizer
-
-    import itertools
 
     texts = list(itertools.islice(train_records, t.tokenizer_train_examples))
     if not texts:

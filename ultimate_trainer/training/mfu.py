@@ -18,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
+from ultimate_trainer.backend import cpu_matmul
+
 # substring of the device name (lower case) -> (bf16/fp16 peak, fp32 peak) in FLOP/s
 PEAKS = {
     "h200": (989e12, 67e12),
@@ -102,6 +106,7 @@ def product_sizes(threads):
 
 
 def _cpu_seconds():
+    # optional: resource exists on Unix only, and cost and the plan import this module everywhere
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
@@ -193,8 +198,6 @@ def _update_cache(path, key, entry):
 
 
 def _lock(path):
-    from filelock import FileLock
-
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock")
 
@@ -225,8 +228,6 @@ def cpu_peak(dtype, backend, measure=measure_in_subprocess):
     Example:
         cpu_peak("bfloat16", "torch")["flops"]
     """
-    from ultimate_trainer.backend import cpu_matmul
-
     library, threads, _ = cpu_matmul(dtype, backend)
     path, key = peak_cache_path(), peak_cache_key(dtype, library, threads)
     with _lock(path):
@@ -309,8 +310,6 @@ def mfu(flops_per_token, tokens_per_sec, peak_flops):
 
 
 if __name__ == "__main__":  # measure_in_subprocess: BACKEND DTYPE -> one JSON line
-    from ultimate_trainer.backend import cpu_matmul
-
     _library, _threads, _make_product = cpu_matmul(sys.argv[2], sys.argv[1])
     _flops, _detail = measure_matmul_peak(_make_product, _threads)
     print(json.dumps({"flops": _flops, "library": _library, **_detail}))

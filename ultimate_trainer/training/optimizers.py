@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from ultimate_trainer import backend as backend_lib
+from ultimate_trainer.models.moe import EXPERT_KERNELS
 
 
 def no_decay_variables(model):
@@ -21,6 +22,7 @@ def _dense(gradient):
     lookup; keras ops square those rows without summing repeated ids first,
     which misstates the norm (Keras' own global-norm clip has this flaw)."""
     if type(gradient).__name__ == "IndexedSlices":
+        # lazy: only tensorflow gives IndexedSlices, so only a tensorflow run gets here; the others never load it
         import tensorflow as tf
 
         return tf.convert_to_tensor(gradient)
@@ -145,8 +147,6 @@ class ExpertMatrices:
 
 
 def _is_expert_kernel(variable):
-    from ultimate_trainer.models.moe import EXPERT_KERNELS
-
     return len(variable.shape) == 3 and variable.path.rsplit("/", 1)[-1] in EXPERT_KERNELS
 
 

@@ -50,6 +50,7 @@ class MetricsSink:
         self._tensorboard = None
         self._wandb = None
         if tensorboard:
+            # heavy: tensorflow's summary writer, loaded only with --tensorboard
             import tensorflow as tf
 
             self._tf = tf
@@ -96,6 +97,7 @@ class NullSink:
 
 def _start_wandb(output_dir, project, run_name, config, entity=None):
     try:
+        # optional: wandb, for --wandb-project only
         import wandb
     except ImportError:
         raise UserError("--wandb-project needs the wandb package; pip install wandb (or drop the flag)") from None
@@ -130,9 +132,11 @@ def plot_loss_curve(metrics_path, png_path, title=None):
     train, val = read_metrics(metrics_path)
     if not train and not val:
         return None
+    # heavy: matplotlib loads only to draw the end-of-run loss plot
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training box
+    # heavy: pyplot must load after matplotlib.use("Agg") above
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
