@@ -54,7 +54,7 @@ wandb:
 EQUIVALENT_FLAGS = {
     "model.d_model": 64, "model.num_layers": 4, "model.num_heads": 4, "model.num_experts": 4, "model.d_ff": 96,
     "training.total_tokens": 2_000_000, "training.batch_size": 8, "training.gradient_accumulation_steps": 2,
-    "training.learning_rate": 3e-3, "training.min_lr_ratio": 0.05, "training.warmup_steps": 20,
+    "training.learning_rate": 3e-3, "training.lr_end": 0.05 * 3e-3, "training.warmup_steps": 20,
     "training.optimizer": "muon", "output.save_every": 50, "output.save_total_limit": 2,
     "data.dataset_id": "HuggingFaceFW/fineweb", "data.dataset_config": "sample-10BT",
     "data.max_train_examples": 1000, "loader.tokenize_on_fly": True, "loader.use_streaming": True,
@@ -92,6 +92,8 @@ def test_every_key_of_the_guides_config_lands_in_a_setting(tmp_path):
     assert values["output.wandb_entity"] == "my-team" and values["output.wandb_project"] == "ultimate-trainer-moe"
     for key, value in values.items():
         section, name = key.split(".")
+        if name == "min_lr_ratio":  # no setting of its own: --lr-end, as that fraction of the peak
+            section, name, value = "training", "lr_end", value * values["training.learning_rate"]
         assert resolved[section][name] == (10**10 if name == "total_tokens" else value), key
 
 
@@ -123,8 +125,6 @@ def test_unknown_recipe_keys_name_the_nearest(tmp_path, text, message):
     ({"model.num_experts": 4, "model.router_z_loss_coef": -0.1}, "--router-z-loss-coef must be zero or positive"),
     ({"model.num_experts": 4, "model.use_lora": True, "model.lora_targets": "qkv,up"},
      "--lora-targets up adapts the dense MLP"),
-    ({"training.min_lr_ratio": 1.5}, "--min-lr-ratio 1.5 must lie between 0 and 1"),
-    ({"training.min_lr_ratio": 0.1, "training.lr_end": 1e-5}, "--lr-end and --min-lr-ratio both"),
     ({"output.eval_enabled": False, "output.eval_every": 10}, "--eval-every schedules validation"),
     ({"loader.num_workers": 0}, "--num-workers must be a positive number"),
     ({"training.optimizer": "sgd", "training.weight_decay": 0.1}, "applies to --optimizer adamw and muon only"),
@@ -132,6 +132,32 @@ def test_unknown_recipe_keys_name_the_nearest(tmp_path, text, message):
 def test_moe_and_recipe_flag_errors(values, message):
     with pytest.raises(UserError, match=message):
         resolve_config(values)
+
+
+def test_min_lr_ratio_is_a_recipe_alias_of_lr_end_taken_of_the_final_peak(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training: {max_lr: 2.0e-3, min_lr_ratio: 0.25}\n")
+    assert resolve_config({"run.config": str(recipe)}).training.lr_end == pytest.approx(5e-4)
+    # A peak typed on the command line is the one the fraction is of; a typed --lr-end wins outright.
+    assert resolve_config({"run.config": str(recipe), "training.learning_rate": 1e-3}).training.lr_end == \
+        pytest.approx(2.5e-4)
+    assert resolve_config({"run.config": str(recipe), "training.lr_end": 1e-5}).training.lr_end == 1e-5
+    recipe.write_text("training: {learning_rate: 1.0e-3, min_lr_ratio: 1e-1}\n")  # YAML reads 1e-1 as a string
+    assert resolve_config({"run.config": str(recipe)}).training.lr_end == pytest.approx(1e-4)
+    assert resolve_config({}).training.lr_end is None  # the plan's default: a tenth of the peak
+
+
+@pytest.mark.parametrize("text, message", [
+    ("training: {min_lr_ratio: 1.5}", "`min_lr_ratio` 1.5 must lie between 0 and 1"),
+    ("training: {min_lr_ratio: a tenth}", "`min_lr_ratio` 'a tenth' must lie between 0 and 1"),
+    ("training: {min_lr_ratio: true}", "`min_lr_ratio` True must lie between 0 and 1"),
+    ("training: {min_lr_ratio: 0.1, lr_end: 1.0e-5}", "`lr_end` and `min_lr_ratio` both set the end learning rate"),
+])
+def test_min_lr_ratio_errors(tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text + "\n")
+    with pytest.raises(UserError, match=re.escape(f"--config {recipe}: {message}")):
+        resolve_config({"run.config": str(recipe)})
 
 
 def test_muon_takes_weight_decay():

@@ -137,11 +137,10 @@ class TrainingConfig:
     skip_nonfinite: int = _opt(0, "Skip up to N updates whose gradients are NaN or inf (the weights stay as they were); 0 stops at the first.")
     max_steps: int = _opt(None, "Stop after this many optimizer steps.", type=int)
     total_tokens: int = _opt(None, "Train on this many tokens (e.g. 2.4B); sets the step count.", type=count)
-    lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10).", type=float)
+    lr_end: float = _opt(None, "Learning rate at the end of the cosine decay (default: learning rate / 10; a recipe may give it as `min_lr_ratio`, a fraction of the peak).", type=float)
     optimizer: str = _opt("adamw", "Optimizer. `muon`: Muon for the hidden weight matrices (experts included), AdamW for embeddings, LM head, router, norms and biases.", choices=["adamw", "adam", "sgd", "muon"])
     seed: int = _opt(42, "Random seed for weights, data order and dropout.")
     peak_flops: float = _opt(None, "Peak FLOP/s of one device for MFU; replaces the data sheet (known GPUs/TPUs) and the CPU measurement, which is then skipped (default: the data sheet's peak in the run's precision; on CPU the backend's matmul in that precision, measured once per machine and cached in ~/.cache/ultimate_trainer; docs/cost.md).", type=float)
-    min_lr_ratio: float = _opt(None, "End learning rate as a fraction of the peak (instead of --lr-end; default 0.1).", type=float)
 
 
 @dataclasses.dataclass
@@ -181,7 +180,7 @@ class OutputConfig:
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
     eval_enabled: bool = _opt(True, "Do not validate (no validation passes, no best_checkpoint).", flag="--no-eval")
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest valid checkpoint), `latest` (in --output-dir), or an s3:// gs:// az:// URI of a checkpoint or a prefix (downloaded into <output-dir>/remote-checkpoints/).", type=str)
-    allow_changed_config: str = _opt(None, "With --resume-from, let these settings differ from the checkpoint's, comma-separated: max_steps (also --total-tokens, --epochs), lr, lr_end (also --min-lr-ratio), warmup, weight_decay, grad_clip, precision, dropout, aux_loss, z_loss; flag names work too. A changed schedule continues from the checkpoint's learning rate, without a jump. Without it a resume refuses any setting that would change the run (docs/checkpoints.md).", type=str, metavar="NAMES")
+    allow_changed_config: str = _opt(None, "With --resume-from, let these settings differ from the checkpoint's, comma-separated: max_steps (also --total-tokens, --epochs), lr, lr_end (also min_lr_ratio), warmup, weight_decay, grad_clip, precision, dropout, aux_loss, z_loss; flag names work too. A changed schedule continues from the checkpoint's learning rate, without a jump. Without it a resume refuses any setting that would change the run (docs/checkpoints.md).", type=str, metavar="NAMES")
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
     tensorboard: bool = _opt(True, "Write TensorBoard logs to <output-dir>/tensorboard.", boolean_optional=True)
     sample_tokens: int = _opt(200, "Tokens sampled from the trained model for each of the end-of-run samples (samples.txt); 0 writes none.")
@@ -274,6 +273,8 @@ def _field_index():
     return {name: (attr, f) for attr, _, f in iter_fields() for name in [f.name]}
 
 
+LR_RATIO = "training.min_lr_ratio"  # a recipe key that is no field (`resolve_config` turns it into lr_end)
+
 # Keys of the MoE guide's recipe shape (configs/production_training.yaml) -> config keys.
 # Its sections `model`, `training` and `data` also take this config's own field names.
 RECIPE_KEYS = {
@@ -285,6 +286,7 @@ RECIPE_KEYS = {
     "model.max_seq_len": "model.seq_len",
     "model.vocab_size": "tokenizer.vocab_size",
     "training.max_lr": "training.learning_rate",
+    "training.min_lr_ratio": LR_RATIO,  # the end LR as a fraction of the peak: --lr-end once the peak is final
     "training.checkpoint_dir": "output.output_dir",
     "training.save_interval": "output.save_every",
     "training.save_total_limit": "output.save_total_limit",
@@ -405,10 +407,11 @@ def resolve_config(cli_values, recipe_path=None):
         if recipe_path:
             raise UserError("--recipe and --config both name the recipe; pass only one")
         recipe_path = recipes.recipe_path(cli_values["run.recipe"])
-    merged = {}
+    merged, lr_ratio = {}, None
     if recipe_path:
         index = _field_index()
         recipe = load_recipe(recipe_path)
+        lr_ratio = recipe.pop(LR_RATIO, None)
         if any(key in cli_values for key in SOURCE_KEYS):
             # A source typed on the command line replaces the recipe's, with the settings tied to it
             # (with --data-dir, --vocab-size states the size of the shards' tokenizer).
@@ -417,6 +420,8 @@ def resolve_config(cli_values, recipe_path=None):
         for key, value in recipe.items():
             merged[key] = _coerce(index[key.split(".", 1)[1]][1], value, f"--config {recipe_path}")
     merged.update(cli_values)
+    if lr_ratio is not None:
+        _lr_end_from_ratio(merged, lr_ratio, recipe_path, recipe)
 
     cfg = Config(explicit=frozenset(merged))
     for key, value in merged.items():
@@ -427,6 +432,22 @@ def resolve_config(cli_values, recipe_path=None):
     _apply_target_params(cfg)
     validate(cfg)
     return cfg
+
+
+def _lr_end_from_ratio(merged, ratio, recipe_path, recipe):
+    """A recipe's `min_lr_ratio` (the MoE guide's key, kept as an alias of --lr-end) as
+    merged["training.lr_end"]: that fraction of the final peak, unless --lr-end was typed."""
+    if "training.lr_end" in recipe:
+        raise UserError(f"--config {recipe_path}: `lr_end` and `min_lr_ratio` both set the end learning rate; "
+                        f"keep only one")
+    try:
+        fraction = float(ratio) if not isinstance(ratio, bool) else math.nan
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not 0 <= fraction <= 1:
+        raise UserError(f"--config {recipe_path}: `min_lr_ratio` {ratio!r} must lie between 0 and 1 (a fraction of "
+                        f"the peak learning rate)")
+    merged.setdefault("training.lr_end", fraction * merged.get("training.learning_rate", TrainingConfig.learning_rate))
 
 
 def _imply_trained_tokenizer(cfg):
@@ -651,11 +672,6 @@ def validate(cfg):
     for name in ("weight_decay", "warmup_steps", "grad_clip", "skip_nonfinite"):
         if getattr(t, name) < 0:
             raise UserError(f"{flags[name]} must be zero or positive, got {getattr(t, name)}")
-    if t.min_lr_ratio is not None:
-        if t.lr_end is not None:
-            raise UserError("--lr-end and --min-lr-ratio both set the end learning rate; pass only one")
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise UserError(f"--min-lr-ratio {t.min_lr_ratio} must lie between 0 and 1 (a fraction of the peak)")
     if t.lr_end is not None and not 0 <= t.lr_end <= t.learning_rate:
         raise UserError(
             f"--lr-end {t.lr_end} must lie between 0 and --learning-rate {t.learning_rate}"

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_model_flags
 from ultimate_trainer import config as config_lib
-from ultimate_trainer.checkpoint.resume import changeable_names, parse_allowed
+from ultimate_trainer.checkpoint.resume import changeable_names, parse_allowed, saved_config
 from ultimate_trainer.cli import main
 from ultimate_trainer.errors import UserError
 
@@ -54,7 +54,7 @@ def _error(capsys, argv):
     (["--max-steps", "12"], "--max-steps 6 (checkpoint) vs 12 (this run); ", "max_steps"),
     # The default end LR is a tenth of the peak: it follows --learning-rate and is not named apart.
     (["--max-steps", "6", "--learning-rate", "1e-3"], "--learning-rate 0.0005 (checkpoint) vs 0.001 (this run); ", "lr"),
-    (["--max-steps", "6", "--min-lr-ratio", "0.2"], "--lr-end 5e-05 (checkpoint) vs 0.0001 (this run); ", "lr_end"),
+    (["--max-steps", "6", "--lr-end", "1e-4"], "--lr-end 5e-05 (checkpoint) vs 0.0001 (this run); ", "lr_end"),
     (["--max-steps", "12", "--learning-rate", "1e-3", "--lr-end", "1e-5", "--warmup-steps", "2", "--grad-clip", "0.5"],
      "--max-steps 6 (checkpoint) vs 12 (this run), --learning-rate 0.0005 vs 0.001, --lr-end 5e-05 vs 1e-05, "
      "--warmup-steps 1 vs 2, --grad-clip 1 vs 0.5; ", "max_steps,lr,lr_end,warmup,grad_clip"),
@@ -80,8 +80,8 @@ def test_what_cannot_continue_is_refused_even_with_the_others_allowed(run, capsy
 
 def test_settings_that_keep_the_math_are_free(run, tmp_path, capsys):
     # Logging, eval, saving, workers, another output dir; and the same resolved run typed
-    # differently: 768 tokens = 6 steps of 4 x 32, an end LR of 0.1 x the peak.
-    argv = [*tiny_model_flags(), "--warmup-steps", "1", "--total-tokens", "768", "--min-lr-ratio", "0.1",
+    # differently: 768 tokens = 6 steps of 4 x 32, the default end LR (0.1 x the peak) typed.
+    argv = [*tiny_model_flags(), "--warmup-steps", "1", "--total-tokens", "768", "--lr-end", "5e-5",
             "--log-every", "2", "--save-every", "5", "--eval-every", "4", "--eval-steps", "1", "--skip-nonfinite", "2",
             "--num-workers", "2", "--output-dir", str(tmp_path / "elsewhere"), "--resume-from", str(run / "checkpoint-3"),
             "--dry-run", "--json"]
@@ -227,3 +227,13 @@ def test_a_resumed_run_keeps_a_better_best_checkpoint(tmp_path):
     assert json.loads((out / "best_checkpoint" / "trainer_state.json").read_text())["step"] == 1
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["best_step"] == 1 and summary["best_val_loss"] == pytest.approx(losses[1])
+
+
+def test_a_checkpoint_saved_with_min_lr_ratio_reads_as_its_lr_end(tmp_path):
+    # Before issue 22 min_lr_ratio was a field of its own; training_args.json may hold it.
+    args = {"training": {"learning_rate": 2e-3, "lr_end": None, "min_lr_ratio": 0.05}}
+    (tmp_path / "training_args.json").write_text(json.dumps(args))
+    assert saved_config(tmp_path).training.lr_end == pytest.approx(1e-4)
+    args["training"].update(lr_end=3e-5, min_lr_ratio=None)
+    (tmp_path / "training_args.json").write_text(json.dumps(args))
+    assert saved_config(tmp_path).training.lr_end == 3e-5

@@ -52,8 +52,7 @@ def test_the_136b_pair_differs_in_the_block_only():
         t = cfg.training
         assert cfg.data.data_dir == data_dir and cfg.data.dataset_id is None  # .bin shards from prepare-data
         assert (t.global_batch_size, t.batch_size, t.max_steps, t.warmup_steps) == (512, 8, 25000, 2000)
-        assert (t.learning_rate, t.min_lr_ratio, t.weight_decay, t.grad_clip, t.optimizer) == (3e-4, 0.1, 0.1, 1.0,
-                                                                                                "adamw")
+        assert (t.learning_rate, t.lr_end, t.weight_decay, t.grad_clip, t.optimizer) == (3e-4, 3e-5, 0.1, 1.0, "adamw")
         assert t.global_batch_size * t.max_steps * cfg.model.seq_len == 26_214_400_000
         assert f"{26_214_400_000:,}" in (RECIPES_DIR / f"{cfg.run.recipe}.yaml").read_text()
         assert cfg.optimization.use_mixed_precision and cfg.model.dropout_rate == 0.0

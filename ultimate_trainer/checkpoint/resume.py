@@ -109,7 +109,7 @@ def read_state(checkpoint):
 # ---------------------------------------------------------------- does this run continue the checkpoint's?
 #
 # A resume compares resolved values (the step count --epochs gives, the end LR
-# --min-lr-ratio gives, the batch --global-batch-size gives, the model a preset
+# a recipe's min_lr_ratio gives, the batch --global-batch-size gives, the model a preset
 # gives), never what was typed. Settings of these kinds may change with
 # --allow-changed-config; the others cannot, and `FIXED_BECAUSE` says why.
 CHANGEABLE = ("schedule", "training")
@@ -268,6 +268,9 @@ def saved_config(checkpoint):
         for key, value in saved.get(attr, {}).items():
             if hasattr(section, key):
                 setattr(section, key, value)
+    ratio = saved.get("training", {}).get("min_lr_ratio")  # a field until issue 22, now a recipe alias of lr_end
+    if ratio is not None and cfg.training.lr_end is None:
+        cfg.training.lr_end = ratio * cfg.training.learning_rate
     return cfg
 
 
@@ -300,7 +303,7 @@ def _length(t, steps):
 
 
 def _same(a, b):
-    """Equal, floats up to rounding (--min-lr-ratio 0.1 of 3e-4 is --lr-end 3e-5)."""
+    """Equal, floats up to rounding (a recipe's min_lr_ratio 0.1 of 3e-4 is --lr-end 3e-5)."""
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
     return a == b

@@ -143,8 +143,7 @@ def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
             f"--warmup-steps {t.warmup_steps} is not shorter than the run ({total_steps} steps); "
             f"warming up over {warmup} steps (10%) instead"
         )
-    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate * (
-        t.min_lr_ratio if t.min_lr_ratio is not None else 0.1)
+    lr_end = t.lr_end if t.lr_end is not None else t.learning_rate / 10
     return {"total_steps": total_steps, "rule": rule, "warmup_steps": warmup, "lr_end": lr_end, "notes": notes}
 
 
