@@ -302,11 +302,13 @@ def test_bfloat16_is_the_default_on_an_accelerator_unless_chosen():
     cpu = {"devices": {"cpu": 1}}
     gpu = {"devices": {"gpu": 8, "cpu": 1}}
     cfg = config_lib.resolve_config({"model.model_preset": "nano"})
-    assert dl.device_defaults(cfg, cpu) is None and not cfg.optimization.use_mixed_precision
+    assert dl.device_defaults(cfg, cpu) is None and not config_lib.derive(cfg).use_mixed_precision
     line = dl.device_defaults(cfg, gpu)
-    assert cfg.optimization.use_mixed_precision and "bfloat16 compute" in line and "flash attention on" in line
+    assert config_lib.derive(cfg, accel="gpu").use_mixed_precision
+    assert "bfloat16 compute" in line and "flash attention on" in line
+    assert not cfg.optimization.use_mixed_precision  # the spec stays as resolved; the default is a derived value
     cfg = config_lib.resolve_config({"model.model_preset": "nano", "optimization.use_mixed_precision": False,
                                      "model.flash_attention": False})
     line = dl.device_defaults(cfg, gpu)
-    assert not cfg.optimization.use_mixed_precision and "bfloat16 off as given" in line
+    assert not config_lib.derive(cfg, accel="gpu").use_mixed_precision and "bfloat16 off as given" in line
     assert "off (--no-flash-attention)" in line
