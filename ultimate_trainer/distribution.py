@@ -30,15 +30,7 @@ import math
 import re
 
 from ultimate_trainer.config.derived import trains_in_bfloat16
-from ultimate_trainer.config.parsers import (  # noqa: F401  the mesh axes and the cluster variables, re-exported
-    BATCH,
-    ENV_ADDRESS,
-    ENV_PROCESS_ID,
-    ENV_PROCESSES,
-    MODEL,
-    cluster_settings,
-    parse_mesh,
-)
+from ultimate_trainer.config.parsers import BATCH, MODEL, cluster_settings, parse_mesh
 from ultimate_trainer.errors import UserError
 
 MODES = ("auto", "none", "data", "fsdp", "model")
