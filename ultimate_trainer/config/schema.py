@@ -40,6 +40,12 @@ def _opt(default, help, **meta):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """Where the training text comes from (--dataset-id, --data-files, --data-dir) and how it is split.
+
+    Example:
+        DataConfig(data_files="corpus/*.jsonl", val_fraction=0.01)
+    """
+
     dataset_id: str = _opt(None, "Hugging Face dataset id (streamed; needs network), or the directory of a downloaded copy.", type=str)
     dataset_config: str = _opt(None, "Dataset configuration name (e.g. `en` for C4); with --dataset-id.", type=str)
     text_column: str = _opt("text", "Column (field, feature) that holds the text.")
@@ -54,6 +60,12 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+    """The tokenizer: bytes, a SentencePiece model trained on the data, or one loaded from --tokenizer-path.
+
+    Example:
+        TokenizerConfig(tokenizer="sentencepiece", vocab_size=8000)
+    """
+
     tokenizer: str = _opt("byte", "Tokenizer kind. `byte`: 256 byte ids plus EOS and PAD, no training; `sentencepiece`: trained on the data.", choices=["byte", "sentencepiece"])
     tokenizer_model: str = _opt("bpe", "SentencePiece algorithm for --tokenizer sentencepiece.", choices=["bpe", "unigram"])
     auto_vocab_size: bool = _opt(False, "Pick the vocab size from the data: the smallest size on a doubling grid whose next size saves < 3%% of held-out tokens (docs/data.md).")
@@ -67,6 +79,12 @@ class TokenizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The architecture: sizes (or a preset / --target-params), block options, LoRA, TTT and MoE.
+
+    Example:
+        ModelConfig(d_model=256, num_layers=4, num_heads=4, d_ff=1024)
+    """
+
     model_preset: str = _opt(None, "Size preset: " + ", ".join(SIZE_PRESETS) + ".", type=str, metavar="|".join(SIZE_PRESETS))
     target_params: int = _opt(None, "Size the model to this many parameters (e.g. 100M, 1.3B); picks d_model, layers, heads and d_ff.", type=count)
     prefer_depth: bool = _opt(False, "With --target-params, favour more layers over width.")
@@ -108,6 +126,12 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
+    """The optimization: batch, run length, learning-rate schedule, optimizer and seed.
+
+    Example:
+        TrainingConfig(batch_size=8, max_steps=100, learning_rate=3e-4)
+    """
+
     epochs: int = _opt(3, "Passes over the training data (unless --max-steps or --total-tokens).")
     batch_size: int = _opt(32, "Sequences per micro-batch.")
     gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
@@ -129,6 +153,12 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
+    """How windows are cut from the token stream and fed to the model.
+
+    Example:
+        LoaderConfig(stride=128, shuffle_buffer_size=1000)
+    """
+
     # Not in --help: text sources are always streamed, so these two only restate the default. They stay
     # accepted for the CLI guide's command lines and the MoE guide's YAML, and the plan says they change nothing.
     use_streaming: bool = _opt(True, "Stream and tokenize the text sources while training (always so); --no-use-streaming means --data-dir shards.", flag="--use-streaming", boolean_optional=True, hidden=True)
@@ -141,11 +171,23 @@ class LoaderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizationConfig:
+    """Compute precision (the default follows the device: `Derived.use_mixed_precision`).
+
+    Example:
+        OptimizationConfig(use_mixed_precision=True)
+    """
+
     use_mixed_precision: bool = _opt(False, "bfloat16 compute with float32 weights (default: on for a GPU or TPU that has bfloat16, off on CPU; --no-use-mixed-precision forces float32).", boolean_optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class DistributionConfig:
+    """Devices, mesh and processes (distribution.py).
+
+    Example:
+        DistributionConfig(distribution="fsdp", mesh="batch=4")
+    """
+
     distribution: str = _opt("auto", "How to spread training over devices (docs/distributed.md): `data` replicates the model and splits each batch; `fsdp` also splits every weight over the batch axis; `model` splits weights over the model axis of --mesh (tensor, expert and head parallelism); `auto`: data over all devices when there are several (jax; tensorflow: several GPUs), else one device; `none`: one device.", choices=["auto", "none", "data", "fsdp", "model"])
     mesh: str = _opt(None, "Device mesh for --distribution data/fsdp/model, e.g. batch=2,model=4 (an axis left out takes the remaining devices; default: all devices on batch, or on model for --distribution model).", type=str, metavar="batch=B,model=M")
     coordinator_address: str = _opt(None, "Multi-process run: HOST:PORT of process 0, the same on every process (or KERAS_DISTRIBUTION_JOB_ADDRESSES); jax only.", type=str, metavar="HOST:PORT")
@@ -155,6 +197,12 @@ class DistributionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
+    """The output dir, logging, checkpoints, validation, resume and W&B.
+
+    Example:
+        OutputConfig(output_dir="runs/a", save_every=500)
+    """
+
     output_dir: str = _opt("output_ultimate", "Where the run writes checkpoints, logs and its config.")
     log_every: int = _opt(10, "Optimizer steps between progress lines and metrics.jsonl records.")
     save_every: int = _opt(1000, "Optimizer steps between checkpoints.")
@@ -175,6 +223,12 @@ class OutputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CloudConfig:
+    """Checkpoint uploads to S3, GCS or Azure (checkpoint/cloud.py).
+
+    Example:
+        CloudConfig(cloud_provider="s3", cloud_bucket="ckpts")
+    """
+
     cloud_provider: str = _opt(None, "Upload checkpoints (checkpoint-<step>, milestones, best_checkpoint, final_model) to this provider, in the background, after a preflight write before training.", type=str, choices=["s3", "gcs", "azure"])
     cloud_bucket: str = _opt(None, "Bucket (S3/GCS) or container (Azure) to upload to.", type=str)
     cloud_region: str = _opt(None, "The bucket's region. S3: the client's region (default: the SDK's configuration), checked against the bucket's; GCS: checked against the bucket's location; not for Azure (its storage account has the region).", type=str)
@@ -187,6 +241,12 @@ class CloudConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """What this invocation does: backend, recipe, dry run, evaluation only.
+
+    Example:
+        RunConfig(dry_run=True, json=True)
+    """
+
     backend: str = _opt(None, "Keras backend. auto: jax when a flag needs keras.distribution (--distribution fsdp or model, several processes), else the fastest measured for the devices found and the precision (on this project's CPU tensorflow in float32, torch in bfloat16; jax on TPU and GPU; docs/benchmarks.md); the choice and its reason are printed. Default: $KERAS_BACKEND when set, else auto.", type=str, choices=["auto", "jax", "torch", "tensorflow"])
     config: str = _opt(None, "YAML recipe; flags on the command line override it.", type=str, metavar="RECIPE.yaml")
     recipe: str = _opt(None, "A shipped recipe by name, e.g. ttt-125m (`ultimate-trainer recipes` lists them); flags on the command line override it, as with --config.", type=str, metavar="NAME")
