@@ -62,3 +62,9 @@ def test_device_batch_sizes_and_sas_tokens():
                       ("sv=1&sig=SECRET&Account=acct", "more than the token's fields")):
         problem = parsers.sas_token_problem(text)
         assert why in problem and "SECRET" not in problem
+
+
+def test_the_lora_target_names_are_the_models_projections():
+    from ultimate_trainer.models import lora
+
+    assert tuple(lora.TARGETS) == parsers.LORA_TARGETS and lora.parse_targets is parsers.parse_lora_targets

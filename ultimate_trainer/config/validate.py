@@ -11,11 +11,11 @@ import dataclasses
 
 from ultimate_trainer.config.derived import batch_split
 from ultimate_trainer.config.parsers import (
+    cluster_settings,
     moe_block_indices,
     parse_device_batch_sizes,
     parse_lora_targets,
     parse_mesh,
-    cluster_settings,
     sas_token_problem,
     ttt_block_indices,
 )
