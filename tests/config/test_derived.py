@@ -3,7 +3,7 @@
 import pytest
 
 from ultimate_trainer import config as config_lib
-from ultimate_trainer.config import applied, batch_split, derive, resolve_config, resolve_spec
+from ultimate_trainer.config import applied, batch_split, derive, resolve, resolve_config, resolve_spec
 from ultimate_trainer.errors import UserError
 
 
@@ -64,3 +64,12 @@ def test_applied_makes_a_new_spec_for_the_devices():
     assert trained.optimization.use_mixed_precision and trained.explicit == spec.explicit
     assert (spec.training.gradient_accumulation_steps, spec.optimization.use_mixed_precision) == (2, False)
     assert applied(trained, derive(trained, data_parallel=2, accel="gpu")) == trained  # deriving again changes nothing
+
+
+def test_resolve_gives_the_spec_as_given_and_its_derived_values_apart():
+    values = {"model.ttt_layer_type": "linear", "model.ttt_backbone": "mamba", "training.global_batch_size": 64,
+              "model.model_preset": "nano"}
+    spec, derived = resolve(values)
+    assert (spec.model.ttt_share_qk, spec.training.gradient_accumulation_steps) == (False, 1)
+    assert (derived.ttt_share_qk, derived.batch.gradient_accumulation_steps) == (True, 2)
+    assert applied(spec, derived) == resolve_config(values)

@@ -8,7 +8,8 @@ concern per module:
 - `schema`: the section dataclasses (help, flag and default on every field), `RunSpec`, `training_args.json`.
 - `parsers`: pure parsers of flag values (counts, mesh, cluster, LoRA targets, TTT kind, batch tables).
 - `recipe_files`: YAML recipes (`--config`, `--recipe`), the MoE guide's shape included.
-- `resolve`: flags + recipe -> `RunSpec` (presets, tokenizer implication), and `resolve_config`, the whole step.
+- `resolve`: flags + recipe -> `RunSpec` (presets, tokenizer implication); `resolve` gives (spec, `Derived`),
+  `resolve_config` the spec with the derived values applied.
 - `validate`: pure checks, one function per section.
 - `preflight`: what reaches outside: files, packages, --target-params sizing.
 - `derived`: values that follow from a spec and its devices (`Derived`: batch split, precision, TTT implications).
@@ -41,7 +42,14 @@ from ultimate_trainer.config.preflight import (
     vocab_size_of,
 )
 from ultimate_trainer.config.recipe_files import RECIPE_KEYS, load_recipe, shipped_recipe
-from ultimate_trainer.config.resolve import IMPLY_TRAINED, SOURCE_KEYS, SOURCE_SETTINGS, resolve_config, resolve_spec
+from ultimate_trainer.config.resolve import (
+    IMPLY_TRAINED,
+    SOURCE_KEYS,
+    SOURCE_SETTINGS,
+    resolve,
+    resolve_config,
+    resolve_spec,
+)
 from ultimate_trainer.config.schema import (
     REDACTED,
     SECTIONS,
@@ -72,7 +80,7 @@ __all__ = [
     "RunSpec", "SECTIONS", "SIZE_PRESETS", "SOURCE_KEYS", "SOURCE_SETTINGS", "TRAINING_FLAGS", "TokenizerConfig",
     "TrainingConfig", "UserError", "applied", "batch_split", "cluster_settings", "count", "derive", "field_index",
     "flag_name", "iter_fields", "load_recipe", "moe_block_indices", "parse_device_batch_sizes", "parse_lora_targets",
-    "parse_mesh", "planned_vocab_size", "preflight", "resolve_config", "resolve_spec", "sas_token_problem",
+    "parse_mesh", "planned_vocab_size", "preflight", "resolve", "resolve_config", "resolve_spec", "sas_token_problem",
     "shipped_recipe", "sized_for_target", "sized_for_vocab", "target_params_pending", "trains_in_bfloat16",
     "ttt_block_indices", "ttt_kind", "validate", "vocab_size_of", "write_json",
 ]

@@ -43,10 +43,22 @@ def resolve_config(cli_values, recipe_path=None):
         >>> resolve_config({"training.global_batch_size": 64}).training.gradient_accumulation_steps
         2
     """
+    return applied(*resolve(cli_values, recipe_path))
+
+
+def resolve(cli_values, recipe_path=None):
+    """(spec, derived): the sized, validated and preflighted `RunSpec` as the
+    user gave it, and the `Derived` values that follow from it on one CPU.
+
+    Example:
+        >>> spec, derived = resolve({"model.ttt_layer_type": "linear", "model.ttt_backbone": "mamba"})
+        >>> spec.model.ttt_share_qk, derived.ttt_share_qk
+        (False, True)
+    """
     spec = sized_for_target(resolve_spec(cli_values, recipe_path))
     validate(spec)
     preflight(spec)
-    return applied(spec, derive(spec))
+    return spec, derive(spec)
 
 
 def resolve_spec(cli_values, recipe_path=None):
