@@ -217,9 +217,8 @@ def test_cost_and_training_decide_the_precision_alike(flags):
     from ultimate_trainer import distribution
 
     cfg = resolve_config({**SMALL_ON_A_DEVICE, **flags})
-    trained = resolve_config({**SMALL_ON_A_DEVICE, **flags})
-    distribution.device_defaults(trained, {"devices": {"gpu": 8, "cpu": 1}})  # a GPU with bfloat16
-    assert cost.training_precision(cfg, "a100")[0] == trained.optimization.use_mixed_precision
+    trained = config_lib.derive(cfg, accel="gpu")  # a GPU with bfloat16
+    assert cost.training_precision(cfg, "a100")[0] == trained.use_mixed_precision
     assert distribution.device_defaults(resolve_config({**SMALL_ON_A_DEVICE, **flags}), {"devices": {"cpu": 1}}) is None
 
 

@@ -38,15 +38,13 @@ def _losses(out_dir):
 # ---------------------------------------------------------------- pure parts
 
 
-def test_mesh_parsing_and_resolution():
-    assert dl.parse_mesh("batch=2,model=4") == {"batch": 2, "model": 4}
+def test_mesh_resolution():
     assert dl.resolve_mesh("model", None, 4) == {"batch": 1, "model": 4}
     assert dl.resolve_mesh("fsdp", None, 4) == {"batch": 4, "model": 1}
     assert dl.resolve_mesh("model", "model=2", 8) == {"batch": 4, "model": 2}
     assert dl.resolve_mesh("fsdp", "batch=2,model=2", 4) == {"batch": 2, "model": 2}
-    for text in ("batch=0", "data=2", "batch=two", "batch=2,batch=2", ""):
-        with pytest.raises(UserError, match="AXIS=SIZE"):
-            dl.parse_mesh(text)
+    with pytest.raises(UserError, match="AXIS=SIZE"):
+        dl.resolve_mesh("fsdp", "batch=two", 4)  # the config's parser (tests/config/test_parsers.py)
     with pytest.raises(UserError, match="needs a multiple of 6 devices, but 4"):
         dl.resolve_mesh("model", "batch=3,model=2", 4)
     with pytest.raises(UserError, match="uses 2 of the 4 devices"):
@@ -63,18 +61,6 @@ def test_fit_axes_moves_or_drops_an_axis_that_does_not_divide():
     axes, note = dl.fit_axes(("model",), (6,), sizes)
     assert axes == () and "divides no dimension" in note
     assert dl.fit_axes(("batch", "model"), (64, 64), {"batch": 4, "model": 1})[0] == ("batch",)  # size 1: dropped
-
-
-def test_cluster_settings_from_flags_and_environment():
-    d = config_lib.DistributionConfig
-    assert dl.cluster_settings(d(), environ={}) is None
-    assert dl.cluster_settings(d(), environ={dl.ENV_ADDRESS: "h:1", dl.ENV_PROCESSES: "2",
-                                             dl.ENV_PROCESS_ID: "1"}) == ("h:1", 2, 1)
-    assert dl.cluster_settings(d(process_id=0), environ={dl.ENV_ADDRESS: "h:1", dl.ENV_PROCESSES: "2"}) == ("h:1", 2, 0)
-    with pytest.raises(UserError, match="--num-processes"):
-        dl.cluster_settings(d(coordinator_address="h:1", process_id=0), environ={})
-    with pytest.raises(UserError, match="between 0 and"):
-        dl.cluster_settings(d(coordinator_address="h:1", num_processes=2, process_id=2), environ={})
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -302,11 +288,13 @@ def test_bfloat16_is_the_default_on_an_accelerator_unless_chosen():
     cpu = {"devices": {"cpu": 1}}
     gpu = {"devices": {"gpu": 8, "cpu": 1}}
     cfg = config_lib.resolve_config({"model.model_preset": "nano"})
-    assert dl.device_defaults(cfg, cpu) is None and not cfg.optimization.use_mixed_precision
+    assert dl.device_defaults(cfg, cpu) is None and not config_lib.derive(cfg).use_mixed_precision
     line = dl.device_defaults(cfg, gpu)
-    assert cfg.optimization.use_mixed_precision and "bfloat16 compute" in line and "flash attention on" in line
+    assert config_lib.derive(cfg, accel="gpu").use_mixed_precision
+    assert "bfloat16 compute" in line and "flash attention on" in line
+    assert not cfg.optimization.use_mixed_precision  # the spec stays as resolved; the default is a derived value
     cfg = config_lib.resolve_config({"model.model_preset": "nano", "optimization.use_mixed_precision": False,
                                      "model.flash_attention": False})
     line = dl.device_defaults(cfg, gpu)
-    assert not cfg.optimization.use_mixed_precision and "bfloat16 off as given" in line
+    assert not config_lib.derive(cfg, accel="gpu").use_mixed_precision and "bfloat16 off as given" in line
     assert "off (--no-flash-attention)" in line

@@ -1,6 +1,7 @@
 """The runnable examples in docstrings of the pure-Python modules stay true."""
 
 import doctest
+import importlib
 
 import pytest
 
@@ -10,9 +11,13 @@ from ultimate_trainer.data import pipeline, tokenizers
 from ultimate_trainer.models import sizing
 from ultimate_trainer.training import callbacks, mfu, schedules
 
+# By module path: `config.validate` and `config.preflight` are also the names of the functions the package exports.
+CONFIG = [importlib.import_module(f"ultimate_trainer.config.{name}") for name in
+          ("derived", "parsers", "preflight", "recipe_files", "resolve", "resume_settings", "schema", "validate")]
+
 
 @pytest.mark.parametrize("module", [backend, config, distribution, sizing, pipeline, tokenizers, callbacks, schedules,
-                                    mfu, cost, recipes, resume])
+                                    mfu, cost, recipes, resume, *CONFIG])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.failed == 0

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 
+from ultimate_trainer.config.parsers import cluster_settings
 from ultimate_trainer.errors import UserError
 
 BACKENDS = ("jax", "torch", "tensorflow")
@@ -68,9 +69,6 @@ def needs_jax(cfg):
         return f"--distribution {d.distribution}"
     if d.coordinator_address or (d.num_processes or 1) > 1:
         return "a multi-process run (--coordinator-address / --num-processes)"
-    # lazy: distribution imports backend; the cycle goes when cluster_settings moves to config/ (issue 22)
-    from ultimate_trainer.distribution import cluster_settings
-
     if cluster_settings(d):
         return "a multi-process run (KERAS_DISTRIBUTION_* variables)"
     return None

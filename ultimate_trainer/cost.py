@@ -23,7 +23,6 @@ from rich.table import Table
 from ultimate_trainer import config as config_lib
 from ultimate_trainer import recipes
 from ultimate_trainer.backend import bf16_missing
-from ultimate_trainer.distribution import trains_in_bfloat16
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
 from ultimate_trainer.training import mfu as mfu_lib
@@ -106,7 +105,7 @@ def _device_key(device_type):
 
 def training_precision(cfg, device_type):
     """(bfloat16?, why): the precision a training run of `cfg` computes in on
-    `device_type`, by training's own rule (`distribution.trains_in_bfloat16`):
+    `device_type`, by training's own rule (`config.trains_in_bfloat16`):
     an explicit --use-mixed-precision / --no-use-mixed-precision wins, else
     bfloat16 on GPUs and TPUs; float32 on GPUs without bfloat16 (T4, V100)
     either way. `device_type` None is a device known only by --peak-flops:
@@ -128,7 +127,7 @@ def training_precision(cfg, device_type):
     key = _device_key(device_type)
     capability = mfu_lib.COMPUTE_CAPABILITY.get(key)
     missing = bf16_missing(device_type, capability) if capability else None
-    mixed = trains_in_bfloat16(cfg, "tpu" if key.startswith("tpu") else "gpu", missing)
+    mixed = config_lib.trains_in_bfloat16(cfg, "tpu" if key.startswith("tpu") else "gpu", missing)
     if missing:
         return mixed, f"float32: {missing}" + (" (training falls back from --use-mixed-precision)"
                                                if asked and cfg.optimization.use_mixed_precision else "")
@@ -290,9 +289,9 @@ def memory_per_device(cfg, vocab_size, params, case, bfloat16=None):
 
 def _budget(cfg, params, data_parallel):
     """Micro-batch, accumulation, tokens per step and the run's token budget."""
-    t = dataclasses.replace(cfg.training)
-    batch_line = config_lib.resolve_batch(t, data_parallel)
-    sequences = t.batch_size * t.gradient_accumulation_steps * data_parallel
+    t = cfg.training
+    split = config_lib.batch_split(t, data_parallel)
+    sequences = split.global_batch
     tokens_per_step = sequences * cfg.model.seq_len
     if t.total_tokens:
         steps = max(1, t.total_tokens // tokens_per_step)
@@ -310,11 +309,11 @@ def _budget(cfg, params, data_parallel):
         "steps": steps,
         "tokens_per_step": tokens_per_step,
         "global_batch": sequences,
-        "micro_batch": t.batch_size,
-        "accumulation": t.gradient_accumulation_steps,
+        "micro_batch": split.batch_size,
+        "accumulation": split.gradient_accumulation_steps,
         "data_parallel": data_parallel,
         "source": source,
-        "batch_rule": batch_line,
+        "batch_rule": split.line,
     }
 
 

@@ -27,35 +27,13 @@ Example:
 import contextlib
 import dataclasses
 import math
-import os
 import re
 
+from ultimate_trainer.config.derived import trains_in_bfloat16
+from ultimate_trainer.config.parsers import BATCH, MODEL, cluster_settings, parse_mesh
 from ultimate_trainer.errors import UserError
 
 MODES = ("auto", "none", "data", "fsdp", "model")
-BATCH, MODEL = "batch", "model"
-# Keras' own variables for the cluster (keras.distribution.initialize reads them too).
-ENV_ADDRESS = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
-ENV_PROCESSES = "KERAS_DISTRIBUTION_NUM_PROCESSES"
-ENV_PROCESS_ID = "KERAS_DISTRIBUTION_PROCESS_ID"
-
-
-def parse_mesh(text):
-    """`--mesh` text -> {axis: size}; axes `batch` and `model`.
-
-    Example:
-        >>> parse_mesh("batch=2,model=4")
-        {'batch': 2, 'model': 4}
-    """
-    mesh = {}
-    for item in str(text).split(","):
-        name, _, size = item.strip().partition("=")
-        if name not in (BATCH, MODEL) or not size.strip().isdigit() or int(size) < 1 or name in mesh:
-            raise UserError(
-                f"--mesh {text!r}: give AXIS=SIZE pairs for the axes batch and model, e.g. batch=2,model=4"
-            )
-        mesh[name] = int(size)
-    return mesh
 
 
 def resolve_mesh(mode, mesh_text, device_count):
@@ -90,41 +68,6 @@ def resolve_mesh(mode, mesh_text, device_count):
             f"{device_count}, or leave one axis out to give it the rest"
         )
     return {BATCH: given.get(BATCH, 1), MODEL: given.get(MODEL, 1)}
-
-
-def cluster_settings(dist_cfg, environ=None):
-    """(coordinator address, number of processes, this process's id) from the
-    flags, each falling back to Keras' variables (KERAS_DISTRIBUTION_JOB_ADDRESSES,
-    KERAS_DISTRIBUTION_NUM_PROCESSES, KERAS_DISTRIBUTION_PROCESS_ID); None for a
-    single-process run.
-
-    Example:
-        >>> from ultimate_trainer.config import DistributionConfig
-        >>> cluster_settings(DistributionConfig(coordinator_address="10.0.0.1:1234",
-        ...                                     num_processes=2, process_id=1), environ={})
-        ('10.0.0.1:1234', 2, 1)
-    """
-    environ = os.environ if environ is None else environ
-    address = dist_cfg.coordinator_address or environ.get(ENV_ADDRESS) or None
-    processes, process_id = dist_cfg.num_processes, dist_cfg.process_id
-    try:
-        if processes is None and environ.get(ENV_PROCESSES):
-            processes = int(environ[ENV_PROCESSES])
-        if process_id is None and environ.get(ENV_PROCESS_ID):
-            process_id = int(environ[ENV_PROCESS_ID])
-    except ValueError:
-        raise UserError(f"{ENV_PROCESSES} and {ENV_PROCESS_ID} must be whole numbers") from None
-    if address is None and process_id is None and processes in (None, 1):
-        return None
-    needed = {"--coordinator-address (or " + ENV_ADDRESS + ")": address,
-              "--num-processes (or " + ENV_PROCESSES + ")": processes,
-              "--process-id (or " + ENV_PROCESS_ID + ")": process_id}
-    missing = [name for name, value in needed.items() if value is None]
-    if missing:
-        raise UserError(f"a multi-process run needs {', '.join(missing)} as well; give all three on every process")
-    if processes < 1 or not 0 <= process_id < processes:
-        raise UserError(f"--process-id {process_id} must lie between 0 and --num-processes {processes} - 1")
-    return address, processes, process_id
 
 
 def fit_axes(axes, shape, sizes):
@@ -522,10 +465,10 @@ def format_layout_report(report, dist):
 
 
 def device_defaults(cfg, devices):
-    """On a GPU or TPU, bfloat16 compute is the default unless
-    --use-mixed-precision / --no-use-mixed-precision was given (flash attention
-    is automatic there already). Sets the config and returns a line saying
-    what was chosen, or None on a CPU.
+    """The line saying what precision a GPU or TPU trains `cfg` in by default
+    (bfloat16 unless --use-mixed-precision / --no-use-mixed-precision was
+    given; flash attention is automatic there already), or None on a CPU.
+    The choice itself is `config.derive`'s; this only says it.
 
     Example:
         line = device_defaults(cfg, backend.describe_devices())
@@ -535,36 +478,12 @@ def device_defaults(cfg, devices):
     accel = accelerator(devices["devices"])
     if accel is None:
         return None
+    flash = "off (--no-flash-attention)" if not cfg.model.flash_attention else "on where the kernel exists"
     if "optimization.use_mixed_precision" in cfg.explicit:
         chosen = "on" if cfg.optimization.use_mixed_precision else "off"
-        return f"device defaults ({accel}): bfloat16 {chosen} as given; flash attention " + (
-            "off (--no-flash-attention)" if not cfg.model.flash_attention else "on where the kernel exists")
+        return f"device defaults ({accel}): bfloat16 {chosen} as given; flash attention " + flash
     reason = bf16_unsupported_reason()
     if not trains_in_bfloat16(cfg, accel, reason):
         return f"device defaults ({accel}): float32, since {reason}"
-    cfg.optimization.use_mixed_precision = True
     return (f"device defaults ({accel}): bfloat16 compute with float32 weights (--no-use-mixed-precision for "
-            f"float32); flash attention " + ("off (--no-flash-attention)" if not cfg.model.flash_attention
-                                             else "on where the kernel exists"))
-
-
-def trains_in_bfloat16(cfg, accel, bf16_missing):
-    """Whether a run of `cfg` computes in bfloat16 on a device of kind `accel`
-    ('gpu', 'tpu', or None for a CPU) whose bfloat16 support `bf16_missing`
-    describes (None: it has it; else why not). The rule training applies:
-    an explicit --use-mixed-precision / --no-use-mixed-precision (flag or
-    YAML) wins, else bfloat16 on an accelerator (`device_defaults`), float32
-    on a CPU; where the device has no bfloat16 the trainer computes in
-    float32 either way. `cost` prices a run with it.
-
-    Example:
-        >>> from ultimate_trainer.config import resolve_config
-        >>> cfg = resolve_config({"model.model_preset": "nano"})
-        >>> trains_in_bfloat16(cfg, "gpu", None), trains_in_bfloat16(cfg, None, None)
-        (True, False)
-    """
-    if bf16_missing:
-        return False
-    if "optimization.use_mixed_precision" in cfg.explicit:
-        return cfg.optimization.use_mixed_precision
-    return accel is not None
+            f"float32); flash attention " + flash)

@@ -91,17 +91,17 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
 
 @pytest.mark.parametrize("devices, batch, accumulation", [(8, 32, 1), (4, 32, 2), (2, 16, 8), (1, 16, 16), (16, 32, 0)])
 def test_ttt_recipe_batch_adapts_to_the_device_count(devices, batch, accumulation):
-    from ultimate_trainer.config import resolve_batch, resolve_config
+    from ultimate_trainer.config import batch_split, resolve_config
     from ultimate_trainer.errors import UserError
 
     t = resolve_config({"run.config": str(RECIPES_DIR / "ttt-125m.yaml")}).training
     if not accumulation:  # 16 x 32 > 256: no accumulation count reaches the global batch
         with pytest.raises(UserError, match="--global-batch-size 256 is not a multiple of --batch-size 32 x 16"):
-            resolve_batch(t, devices)
+            batch_split(t, devices)
         return
-    line = resolve_batch(t, devices)
-    assert (t.batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
-    assert line == f"global batch 256 = {batch} per device x {devices} device(s) x {accumulation} accumulation steps"
+    split = batch_split(t, devices)
+    assert (split.batch_size, split.gradient_accumulation_steps) == (batch, accumulation)
+    assert split.line == f"global batch 256 = {batch} per device x {devices} device(s) x {accumulation} accumulation steps"
 
 
 @pytest.mark.parametrize("values, message", [

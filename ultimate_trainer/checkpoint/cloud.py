@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 from ultimate_trainer.checkpoint.store import (
     LATEST_FILE,
@@ -48,6 +48,7 @@ from ultimate_trainer.checkpoint.store import (
     link_copy,
     verify_checkpoint,
 )
+from ultimate_trainer.config.parsers import sas_token_problem  # noqa: F401  re-exported
 from ultimate_trainer.errors import UserError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -167,24 +168,6 @@ def describe_error(error, secrets=()):
     if code and code not in text and code != type(e).__name__:
         tags.append(code)
     return f"{type(e).__name__}{' (' + ', '.join(tags) + ')' if tags else ''}: {text[:300]}"
-
-
-def sas_token_problem(token):
-    """Why `token` cannot be an Azure SAS token, or None when it looks like one. Never quotes it.
-
-    Example:
-        sas_token_problem("sv=2024-08-04&sp=rw&sig=abc%3D")   # None
-    """
-    fields = parse_qs(token.strip().lstrip("?"), keep_blank_values=True)
-    missing = [name for name in ("sv", "sig") if not fields.get(name, [""])[0]]
-    if missing:
-        why = f"it has no {' and no '.join(f'{m}=' for m in missing)} field"
-    elif not all(re.fullmatch(r"[a-z]+", name) for name in fields):  # SAS field names are all like sv, sp, sig
-        why = "it holds more than the token's fields (a URL, or other text)"
-    else:
-        return None
-    return (f"is not a SAS token: {why}; pass the query string Azure generates (sv=...&...&sig=...), without the "
-            f"URL before it")
 
 
 class Bucket:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ultimate_trainer.config.parsers import parse_lora_targets
 from ultimate_trainer.errors import UserError
 
 # --lora-targets name -> (block sublayer, Dense attribute)
@@ -25,16 +26,8 @@ ADAPTER_FILE = "lora_adapter.npz"
 ADAPTER_CONFIG = "lora_config.json"
 
 
-def parse_targets(text):
-    """'qkv,out' -> ('qkv', 'out'), checked against `TARGETS`."""
-    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
-    unknown = [t for t in names if t not in TARGETS]
-    if unknown or not names:
-        raise UserError(
-            f"--lora-targets {text!r}: unknown target {unknown[0] if unknown else '(none)'!r}; "
-            f"use a comma-separated subset of {', '.join(TARGETS)}"
-        )
-    return names
+# 'qkv,out' -> ('qkv', 'out'): the config's parser, whose names are the keys of `TARGETS`.
+parse_targets = parse_lora_targets
 
 
 def target_layers(model, targets):

@@ -7,15 +7,10 @@ formula against `model.count_params()` over a grid of flags.
 
 import dataclasses
 
-# name -> (d_model, num_layers, num_heads, d_ff)
-SIZE_PRESETS = {
-    "nano": (128, 6, 4, 512),
-    "tiny": (256, 8, 8, 1024),
-    "small": (512, 12, 8, 2048),
-    "medium": (768, 12, 12, 3072),
-    "large": (1024, 24, 16, 4096),
-    "xlarge": (1280, 32, 20, 5120),
-}
+from ultimate_trainer.config.parsers import moe_block_indices, ttt_block_indices  # noqa: F401  re-exported
+from ultimate_trainer.config.schema import SIZE_PRESETS  # noqa: F401  re-exported
+
+# SIZE_PRESETS: name -> (d_model, num_layers, num_heads, d_ff); the block index helpers parse flags.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +132,6 @@ def count_params(
     )
 
 
-def moe_block_indices(num_layers, num_experts, moe_every=1):
-    """The blocks with an MoE feed-forward layer: every `moe_every`-th block,
-    counting from 1 (blocks 1, 3, 5, ... for 2); none without experts.
-
-    Example:
-        >>> moe_block_indices(6, 8, 2)
-        (1, 3, 5)
-    """
-    if not num_experts:
-        return ()
-    return tuple(i for i in range(num_layers) if (i + 1) % moe_every == 0)
-
-
 def moe_params(d_model, d_ff, num_experts, use_swiglu=True):
     """Parameters of one `MoEFeedForward` (models/moe.py): the router and the experts.
 
@@ -158,18 +140,6 @@ def moe_params(d_model, d_ff, num_experts, use_swiglu=True):
         197120
     """
     return d_model * num_experts + num_experts * (3 if use_swiglu else 2) * d_model * d_ff
-
-
-def ttt_block_indices(num_layers, ttt_layer_type, ttt_layers=None):
-    """The block indices that hold a TTT layer: `ttt_layers` ("0,2,4" or a
-    list), or every block when it is None; none without `ttt_layer_type`."""
-    if not ttt_layer_type:
-        return ()
-    if ttt_layers is None or ttt_layers == "":
-        return tuple(range(num_layers))
-    if isinstance(ttt_layers, str):
-        ttt_layers = [int(i) for i in ttt_layers.split(",") if i.strip()]
-    return tuple(sorted(set(int(i) for i in ttt_layers)))
 
 
 def ttt_params(d_model, num_heads, kind, mini_batch_size=16, use_gate=False, share_qk=False, conv_kernel=4):

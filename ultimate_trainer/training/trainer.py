@@ -66,7 +66,12 @@ def train(cfg):
         upload_to = cloud.upload_destination(cfg.cloud, out, say)
     dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
-    batch_line = config_lib.resolve_batch(cfg.training, data_parallel=dist.data_parallel)
+    devices = backend_lib.describe_devices()
+    accel = backend_lib.accelerator(devices["devices"])
+    derived = config_lib.derive(cfg, data_parallel=dist.data_parallel, accel=accel,
+                                bf16_missing=backend_lib.bf16_unsupported_reason() if accel else None)
+    cfg = config_lib.applied(cfg, derived)  # the spec as these devices train it: batch split, precision default
+    batch_line = derived.batch.line
     if dist.data_parallel > 1 and not batch_line:
         t = cfg.training
         batch_line = (f"global batch {t.batch_size * dist.data_parallel * t.gradient_accumulation_steps} = "
@@ -86,7 +91,6 @@ def train(cfg):
                 f"d_ff {m.d_ff}")
     plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
     plan["distribution"] = dist.describe()
-    devices = backend_lib.describe_devices()
     devices["host_allocator"] = ALLOCATOR_KEPT if allocator_tuned else "as configured"
     if backend_lib.choice().get("backend") == devices["backend"]:
         devices["chosen_by"] = backend_lib.choice()["reason"]
@@ -136,7 +140,7 @@ def _peak_flops(cfg, devices, count):
     name = devices["device_names"][0]
     accel = backend_lib.accelerator(devices["devices"])
     # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
-    mixed = distribution_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
+    mixed = config_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
     per_device = mfu.table_peak(name, mixed, devices["backend"])
     if per_device is not None:
         tf32 = not mixed and per_device != mfu.table_peak(name, False)
