@@ -198,6 +198,7 @@ class FileStream(RecordStream):
         self.shuffle = bool(shuffle)
         # Fewer shards than processes: all read every shard, each keeps every P-th record.
         self.stride = process_count if len(self.files) < process_count else 1
+        self._order = (None, None)
         if position is None:
             self._at = (0, 0, 0, None)
         else:
@@ -210,10 +211,15 @@ class FileStream(RecordStream):
                 "first_shard": self.files[0].name, "last_shard": self.files[-1].name}
 
     def order(self, epoch):
-        """The file indices this process reads in `epoch`, in order (recomputed, never stored)."""
-        n = len(self.files)
-        order = counter_rng.permutation(n, self.seed, "shards", epoch) if self.shuffle else list(range(n))
-        return order if self.stride > 1 else order[self.process_index::self.process_count]
+        """The file indices this process reads in `epoch`, in order (recomputed, never stored).
+
+        The last epoch's order is cached: `position()` may be called after every record.
+        """
+        if self._order[0] != epoch:
+            n = len(self.files)
+            order = counter_rng.permutation(n, self.seed, "shards", epoch) if self.shuffle else list(range(n))
+            self._order = (epoch, order if self.stride > 1 else order[self.process_index::self.process_count])
+        return self._order[1]
 
     def position(self):
         epoch, slot, record, seek = self._at
