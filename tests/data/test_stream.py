@@ -254,6 +254,12 @@ def test_a_datasets_stream_resumes_through_its_state_dict_and_splits_by_node(tmp
         HubStream(str(tmp_path), seed=9, position=positions[0])
 
 
+def test_a_hub_id_without_network_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="needs network access to the Hugging Face Hub .HF_HUB_OFFLINE is set"):
+        open_stream("someone/some-dataset")
+
+
 # ---------------------------------------------------------------- TFDS
 
 
@@ -380,6 +386,12 @@ def test_token_estimates_come_from_metadata_and_are_labelled(corpus, tmp_path, t
     (tmp_path / "lines" / "a.txt").write_text("one\ntwo\n")
     with pytest.raises(UserError, match="metadata gives no size"):
         estimate_tokens(str(tmp_path / "lines"), _byte_tokens)
+    # A dataset card's split sizes (what hub datasets carry) give the exact record count.
+    (tmp_path / "lines" / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: text\n    dtype: string\n  splits:\n  - name: train\n"
+        "    num_bytes: 8\n    num_examples: 2000\n---\n")
+    est = estimate_tokens(str(tmp_path / "lines"), _byte_tokens)
+    assert est.records == 2000 and est.records_exact and est.tokens == 2000 * 4 and est.sample_records == 2
 
 
 def test_validation_reads_a_bounded_deterministic_set(corpus):

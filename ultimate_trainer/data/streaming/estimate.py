@@ -174,6 +174,6 @@ def estimate_tokens(source, count_tokens, split="train", config=None, data_dir=N
             raise UserError(f"--dataset-id {source}: its metadata gives no size for split {split!r}, so an epoch "
                             f"cannot be estimated; set the run length with --max-steps or --total-tokens")
         return _per_record(stream, info[split].num_examples, count_tokens, sample_records,
-                           f"the dataset's metadata ({info[split].num_examples:,} examples)")
+                           "the dataset's metadata")
     return _per_record(stream, stream.num_examples, count_tokens, sample_records,
-                       f"TFDS metadata ({stream.num_examples:,} examples)")
+                       "TFDS metadata")
