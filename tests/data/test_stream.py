@@ -250,6 +250,9 @@ def test_a_datasets_stream_resumes_through_its_state_dict_and_splits_by_node(tmp
         assert _take(resumed)[0] == records[cut:]
     parts = [list(HubStream(str(tmp_path), epochs=1, process_index=p, process_count=2)) for p in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(records[:24]) and not set(parts[0]) & set(parts[1])
+    mine, positions = _take(HubStream(str(tmp_path), epochs=1, process_index=1, process_count=2))
+    assert _take(HubStream(str(tmp_path), epochs=1, process_index=1, process_count=2, position=positions[4]))[0] \
+        == mine[5:]
     with pytest.raises(UserError, match="seed=0, this run seed=9"):
         HubStream(str(tmp_path), seed=9, position=positions[0])
 
