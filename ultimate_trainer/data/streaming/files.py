@@ -92,9 +92,9 @@ def _read_parquet(path, column, record, seek, stats):
                 done += batch.num_rows
                 continue
             start = max(skip - done, 0)
-            for row, value in enumerate(batch.column(0).to_pylist()[start:], done + start + 1):
+            for next_row, value in enumerate(batch.column(0).to_pylist()[start:], done + start + 1):
                 record += 1
-                after = {"row_group": g, "row": row} if row < counts[g] else {"row_group": g + 1, "row": 0}
+                after = {"row_group": g, "row": next_row} if next_row < counts[g] else {"row_group": g + 1, "row": 0}
                 yield sources._text_of(value, column, where, stats), record, after
             done += batch.num_rows
 
