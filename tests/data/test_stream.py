@@ -11,6 +11,7 @@ import pytest
 from tools.make_corpus import write_parquet_corpus
 from ultimate_trainer.data import sources
 from ultimate_trainer.data.streaming import counter_rng, dataset_files, open_stream
+from ultimate_trainer.data.streaming import base as base_lib
 from ultimate_trainer.data.streaming import files as files_lib
 from ultimate_trainer.data.streaming import mixture as mixture_lib
 from ultimate_trainer.data.streaming.estimate import estimate_files, estimate_tokens
@@ -66,7 +67,7 @@ def _line_shards(tmp_path, suffix):
     return paths
 
 
-@pytest.mark.parametrize("module", [counter_rng, files_lib, mixture_lib])
+@pytest.mark.parametrize("module", [counter_rng, files_lib, mixture_lib, base_lib])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0
 

@@ -64,7 +64,11 @@ class RecordStream:
 
 
 def check_processes(process_index, process_count):
-    """Raises UserError unless 0 <= process_index < process_count."""
+    """Raises UserError unless 0 <= process_index < process_count.
+
+    Example:
+        check_processes(jax.process_index(), jax.process_count())
+    """
     if not (isinstance(process_count, int) and process_count >= 1
             and isinstance(process_index, int) and 0 <= process_index < process_count):
         raise UserError(
@@ -77,6 +81,9 @@ def check_position(position, kind, **expected):
 
     `expected` are the settings the position must have been saved with (seed,
     process count, the source's shape); a difference names both values.
+
+    Example:
+        check_position(saved, "files", seed=0, process_count=4)
     """
     if not isinstance(position, dict) or position.get("kind") != kind:
         found = position.get("kind") if isinstance(position, dict) else type(position).__name__
@@ -94,5 +101,10 @@ def check_position(position, kind, **expected):
 
 
 def stamp(kind, **fields):
-    """A position dict with the common keys first."""
+    """A position dict with the common keys first.
+
+    Example:
+        >>> stamp("tfds", index=7)
+        {'kind': 'tfds', 'version': 1, 'index': 7}
+    """
     return {"kind": kind, "version": POSITION_VERSION, **fields}

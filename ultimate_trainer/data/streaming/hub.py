@@ -29,7 +29,11 @@ from ultimate_trainer.errors import UserError
 
 
 def load_streaming(dataset_id, config=None, split="train"):
-    """`datasets.load_dataset(..., streaming=True)` with its errors as one-line UserErrors."""
+    """`datasets.load_dataset(..., streaming=True)` with its errors as one-line UserErrors.
+
+    Example:
+        load_streaming("allenai/c4", "en", "validation").num_shards
+    """
     local = Path(dataset_id).expanduser()
     if not local.exists():
         sources._require_hub(dataset_id)

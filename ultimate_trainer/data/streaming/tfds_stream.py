@@ -23,7 +23,11 @@ from ultimate_trainer.errors import UserError
 
 
 def load_builder(name, data_dir=None):
-    """The TFDS builder of a prepared dataset, or a one-line UserError saying how to prepare it."""
+    """The TFDS builder of a prepared dataset, or a one-line UserError saying how to prepare it.
+
+    Example:
+        load_builder("c4/en:3.1.0", "/data/tfds").info.splits["train"].num_examples
+    """
     import tensorflow_datasets as tfds
 
     where = f"--dataset-id tfds:{name}" + (f" --tfds-data-dir {data_dir}" if data_dir else "")
