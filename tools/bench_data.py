@@ -65,6 +65,19 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _memory_mb(field):
+    """VmRSS (now) or VmHWM (peak) of this process's own address space, in MB.
+
+    Unlike ru_maxrss, which a child keeps from the parent it was forked from
+    (here, the parent that wrote the corpus), VmHWM starts afresh at exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _time_batches(ds, batches):
     it = iter(ds)
     next(it)  # graph building and first fill
@@ -117,7 +130,7 @@ def _stream_worker(args):
     from ultimate_trainer.data.streaming import open_stream
     from ultimate_trainer.data.streaming.files import FileStream
 
-    baseline = _rss_mb()
+    baseline = _memory_mb("VmRSS")  # the package imported, no data yet
     start = time.perf_counter()
     stream = open_stream(args.corpus, shuffle=False)
     first = next(iter(stream))
@@ -159,7 +172,7 @@ def _stream_worker(args):
     result["read_through_s"] = time.perf_counter() - start
     result["read_through_records"] = count
     result["baseline_rss_mb"] = baseline
-    result["peak_rss_mb"] = _rss_mb()
+    result["peak_rss_mb"] = _memory_mb("VmHWM")
     print(json.dumps(result))
 
 
