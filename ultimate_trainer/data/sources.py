@@ -287,7 +287,12 @@ def _read_csv(path, column, stats):
         yield _text_of(row, column, f"{path}:{number}", stats)
 
 
-def _read_parquet(path, column, stats):
+def open_parquet(path, column):
+    """A `pyarrow.parquet.ParquetFile` whose schema has `column`; one-line UserErrors otherwise.
+
+    Example:
+        open_parquet("data/train-00000.parquet", "text").metadata.num_rows
+    """
     try:
         # optional: pyarrow, for .parquet files only
         import pyarrow
@@ -301,6 +306,11 @@ def _read_parquet(path, column, stats):
     names = parquet.schema_arrow.names
     if column not in names:
         raise _missing_column(path, column, names)
+    return parquet
+
+
+def _read_parquet(path, column, stats):
+    parquet = open_parquet(path, column)
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
         for value in batch.column(0).to_pylist():
             yield _text_of(value, column, f"{path} column {column!r}", stats)
