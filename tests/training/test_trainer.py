@@ -76,15 +76,21 @@ def test_run_writes_every_artifact_and_loads_back(tmp_path):
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-6").exists()
 
 
-def test_accumulation_and_token_budget(tmp_path):
+def test_accumulation_token_budget_retention_milestones_and_final_model(tmp_path):
     out = tmp_path / "run"
     result = run_main([*tiny_model_flags(), "--gradient-accumulation-steps", "2", "--total-tokens", "1024",
-                       "--log-every", "2", "--output-dir", str(out)])
+                       "--log-every", "2", "--save-every", "1", "--save-total-limit", "2", "--milestone-every", "2",
+                       "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "= 4 steps" in result.stdout
     train, _ = _metrics(out)
     assert [r["step"] for r in train] == [2, 4]
     assert all(r["loss"] < 6.0 for r in train), "the logged loss is a per-token mean, not a sum over micro-batches"
+    # Retention keeps the newest two; milestones (the last step's too) and final_model are never pruned.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-2", "milestone-4"]
+    assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-4" / "model.keras")
+    assert "--save-total-limit 2: removed" in result.stdout
 
 
 @pytest.mark.backends
@@ -162,17 +168,6 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
 def test_eval_only_needs_a_checkpoint():
     result = run_main(["--eval-only", "--dry-run"])
     assert result.returncode == 2 and "--eval-only needs the checkpoint to evaluate" in result.stderr
-
-
-def test_retention_milestones_and_final_model(tmp_path):
-    out = tmp_path / "run"
-    result = run_main([*tiny_model_flags(), "--max-steps", "8", "--save-every", "2", "--save-total-limit", "2",
-                       "--milestone-every", "4", "--log-every", "2", "--output-dir", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
-    assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-4", "milestone-8"]
-    assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-8" / "model.keras")
-    assert "--save-total-limit 2: removed" in result.stdout
 
 
 def test_fit_and_evaluate_keep_the_allocator_settings_only_where_tuned():
