@@ -56,6 +56,8 @@ def test_json_keeps_the_keys_users_parse():
                                       "data_parallel", "global_batch_size", "gradient_accumulation_steps",
                                       "tokens_per_step", "total_tokens", "total_flops", "learning_rate", "lr_end",
                                       "warmup_steps", "optimizer", "lr_schedule"}
+    assert list(found["backend"]) == ["backend", "backend_version", "keras_version", "devices", "device_names",
+                                      "host_allocator", "chosen_by"]
     assert found["backend"] == {"backend": "jax", "backend_version": "0.4", "keras_version": "3.6",
                                 "devices": {"cpu": 1}, "device_names": ["cpu"],
                                 "host_allocator": "kept freed memory (glibc mallopt)", "chosen_by": "KERAS_BACKEND"}

@@ -242,11 +242,10 @@ class Devices:
         return cls(**described, allocator_kept=allocator_kept, chosen_by=chosen_by)
 
     def to_json(self):
-        found = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        found["host_allocator"] = ALLOCATOR_KEPT if found.pop("allocator_kept") else "as configured"
-        if found["chosen_by"] is None:
-            del found["chosen_by"]
-        return found
+        found = {"backend": self.backend, "backend_version": self.backend_version,
+                 "keras_version": self.keras_version, "devices": self.devices, "device_names": self.device_names,
+                 "host_allocator": ALLOCATOR_KEPT if self.allocator_kept else "as configured"}
+        return found if self.chosen_by is None else {**found, "chosen_by": self.chosen_by}
 
 
 ALLOCATOR_KEPT = "kept freed memory (glibc mallopt)"

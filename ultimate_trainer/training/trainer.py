@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import keras
+import tensorflow as tf  # tf.data feeds every backend (data/pipeline.py)
 
 from ultimate_trainer import backend as backend_lib
 from ultimate_trainer import config as config_lib
@@ -537,8 +538,6 @@ def _with_workers(dataset, num_workers):
     """`--num-workers N`: the input pipeline runs on a private pool of N threads."""
     if not num_workers:
         return dataset
-    import tensorflow as tf
-
     options = tf.data.Options()
     options.threading.private_threadpool_size = num_workers
     return dataset.with_options(options)
