@@ -9,7 +9,7 @@ from ultimate_trainer import backend, config, cost, distribution, recipes
 from ultimate_trainer.checkpoint import resume
 from ultimate_trainer.data import pipeline, tokenizers
 from ultimate_trainer.models import sizing
-from ultimate_trainer.training import callbacks, mfu, schedules
+from ultimate_trainer.training import callbacks, evaluator, mfu, reporting, schedules
 
 # By module path: `config.validate` and `config.preflight` are also the names of the functions the package exports.
 CONFIG = [importlib.import_module(f"ultimate_trainer.config.{name}") for name in
@@ -17,7 +17,7 @@ CONFIG = [importlib.import_module(f"ultimate_trainer.config.{name}") for name in
 
 
 @pytest.mark.parametrize("module", [backend, config, distribution, sizing, pipeline, tokenizers, callbacks, schedules,
-                                    mfu, cost, recipes, resume, *CONFIG])
+                                    mfu, cost, recipes, resume, reporting, evaluator, *CONFIG])
 def test_docstring_examples(module):
     result = doctest.testmod(module)
     assert result.failed == 0

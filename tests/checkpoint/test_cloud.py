@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_model_flags
+from tests.conftest import REPO, run_cli, run_main, tiny_model_flags
 from ultimate_trainer.checkpoint import cloud, store
 from ultimate_trainer.errors import UserError
 
@@ -29,16 +29,18 @@ def _credentials(emulator):
     return ["--azure-sas-token", token], {}
 
 
-# End to end through the CLI, about 40 s a provider: the default run keeps S3, and GCS and Azure
-# run in the slow step. Every provider's bucket code still runs in the default run, in process,
-# in test_remote_resume_verifies_falls_back_and_resumes_a_broken_download.
+# End to end through the CLI (the uploading run in process, the resume in a new one), about 40 s a
+# provider: the default run keeps S3, and GCS and Azure run in the slow step. Every provider's bucket
+# code still runs in the default run, in process, in
+# test_remote_resume_verifies_falls_back_and_resumes_a_broken_download.
 @pytest.mark.parametrize("emulator", ["s3", pytest.param("gcs", marks=pytest.mark.slow),
                                       pytest.param("azure", marks=pytest.mark.slow)], indirect=True)
 def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path):
     secret_flags, env = _credentials(emulator)
     out = tmp_path / "run"
-    first = run_cli([*FLAGS, "--max-steps", "6", "--save-total-limit", "2", "--milestone-every", "4",
-                     "--output-dir", str(out), *emulator.flags(), "--cloud-prefix", "runs/tiny", *secret_flags], env=env)
+    first = run_main([*FLAGS, "--max-steps", "6", "--save-total-limit", "2", "--milestone-every", "4",
+                      "--output-dir", str(out), *emulator.flags(), "--cloud-prefix", "runs/tiny", *secret_flags],
+                     env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.index("cloud preflight: wrote and deleted a probe") < first.stdout.index("training ")
     for step in (2, 4, 6):
@@ -63,7 +65,8 @@ def test_upload_retention_and_exact_resume_from_the_bucket(emulator, tmp_path):
     # As if the machine died while checkpoint-6 was uploading: no manifest, so it is not complete.
     bucket.delete(["runs/tiny/checkpoint-6/manifest.json"])
 
-    # The resumed run goes on exactly as the first, uninterrupted one did.
+    # The resumed run goes on exactly as the first, uninterrupted one did; in a new process, so that
+    # nothing the checkpoint lacks can come from the process that trained it.
     resumed = tmp_path / "resumed"
     uri = f"{SCHEME[emulator.provider]}://{emulator.bucket}/runs/tiny"
     extra = ["--azure-account-name", "devstoreaccount1"] if emulator.provider == "azure" else []

@@ -8,6 +8,7 @@ from tests.conftest import run_main
 from ultimate_trainer import backend
 from ultimate_trainer.config import resolve_config
 from ultimate_trainer.training import mfu
+from ultimate_trainer.training.plan import Devices
 
 
 def test_table_lookup_by_device_name():
@@ -78,8 +79,8 @@ def test_a_failed_measurement_is_one_line(monkeypatch):
         mfu.measure_in_subprocess("jax", "float32")
 
 
-def _devices():
-    return {"devices": {"cpu": 1}, "device_names": ["cpu"], "backend": "jax"}
+def _devices(devices=None, names=("cpu",), backend_name="jax"):
+    return Devices(backend_name, "0", "3", devices or {"cpu": 1}, list(names))
 
 
 def test_peak_flops_flag_wins_and_skips_the_cache(monkeypatch):
@@ -122,7 +123,7 @@ def test_a_gpu_peak_is_in_the_precision_the_run_computes_in(monkeypatch, name, m
 
     monkeypatch.setattr(backend, "bf16_unsupported_reason", lambda: missing)
     cfg = resolve_config({"model.model_preset": "nano", **flags})
-    devices = {"devices": {"gpu": 2, "cpu": 1}, "device_names": [name, name], "backend": backend_name}
+    devices = _devices({"gpu": 2, "cpu": 1}, [name, name], backend_name)
     got = trainer._peak_flops(cfg, devices, 2)
     assert (got["total"], got["per_device"]) == (2 * peak, peak)
     assert got["source"] == f"data sheet of {name}, {kind}"

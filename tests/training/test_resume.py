@@ -1,4 +1,4 @@
-"""Exact resume and graceful interruption, through the CLI."""
+"""Exact resume and graceful interruption, through the CLI: in process, but for the signal."""
 
 import json
 import signal
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli, run_main, tiny_model_flags
+from tests.conftest import REPO, run_main, tiny_model_flags
 
 FLAGS = [*tiny_model_flags(), "--dropout-rate", "0.1", "--log-every", "1", "--eval-every", "1000"]
 
@@ -32,18 +32,19 @@ def test_resume_continues_with_identical_losses(tmp_path, source, ttt):
     extra = STATE_PASSING if ttt else []
     if source == "shards":
         data = tmp_path / "shards"
-        assert run_cli(["prepare-data", "--data-dir", str(data), "--max-train-examples", "30"]).returncode == 0
+        assert run_main(["prepare-data", "--data-dir", str(data), "--max-train-examples", "30"]).returncode == 0
         extra = [*extra, "--data-dir", str(data)]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    # The two uninterrupted runs go in this process; the resume, the point, in a new one.
+    # In process: that the resumed state is whole, not inherited from the process, is
+    # checked by the bucket resume in a new process (tests/checkpoint/test_cloud.py).
     a = run_main([*FLAGS, *extra, "--max-steps", "6", "--save-every", "100", "--output-dir", str(straight)])
     assert a.returncode == 0, a.stderr[-2000:]
     b = run_main([*FLAGS, *extra, "--max-steps", "6", "--save-every", "3", "--output-dir", str(split)])
     assert b.returncode == 0, b.stderr[-2000:]
     (split / "checkpoint-6").rename(split / "ignored-6")  # pretend the run died after step 3
     (split / "metrics.jsonl").write_text("")
-    c = run_cli([*FLAGS, *extra, "--max-steps", "6", "--save-every", "3", "--output-dir", str(split),
-                 "--resume-from", "latest"])
+    c = run_main([*FLAGS, *extra, "--max-steps", "6", "--save-every", "3", "--output-dir", str(split),
+                  "--resume-from", "latest"])
     assert c.returncode == 0, c.stderr[-2000:]
     assert "resumed from" in c.stdout and "at step 3" in c.stdout
     want, got = _losses(straight), _losses(split)
@@ -68,8 +69,8 @@ def test_sigint_saves_a_resumable_checkpoint_and_exits_0(tmp_path):
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "model.keras").is_file()
     step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
-    resumed = run_cli([*FLAGS, "--max-steps", str(step + 2), "--output-dir", str(out), "--resume-from",
-                       str(checkpoints[0]), "--allow-changed-config", "max_steps"])
+    resumed = run_main([*FLAGS, "--max-steps", str(step + 2), "--output-dir", str(out), "--resume-from",
+                        str(checkpoints[0]), "--allow-changed-config", "max_steps"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"checkpoint-{step + 2}" in resumed.stdout
 

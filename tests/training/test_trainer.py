@@ -1,13 +1,15 @@
-"""End-to-end runs through the CLI: one in a subprocess, as a user runs it, for what only a real
-process shows (its output, its exit status); the others in process (`run_main`), which saves
-the seconds of imports each process start costs."""
+"""End-to-end runs through the CLI, in process (`run_main`), which saves the seconds of imports
+each process start costs. What only a real process shows stays elsewhere: the exit status and
+one-line errors (tests/test_cli.py), a default run as a user starts it (tests/test_default_run.py),
+signals (tests/training/test_resume.py). The trainer's parts are tested alone in
+tests/checkpoint/test_manager.py, tests/training/test_evaluator.py, test_plan.py and test_reporting.py."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli, run_main, tiny_model_flags
+from tests.conftest import run_main, tiny_model_flags
 
 
 def _metrics(out):
@@ -31,9 +33,9 @@ def _tensorboard_scalars(directory):
 
 def test_run_writes_every_artifact_and_loads_back(tmp_path):
     out = tmp_path / "run"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
-                      "--save-every", "4", "--output-dir", str(out), "--wandb-project", "ut-tests"],
-                     env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = run_main([*tiny_model_flags(), "--max-steps", "6", "--log-every", "2", "--eval-every", "3",
+                       "--save-every", "4", "--output-dir", str(out), "--wandb-project", "ut-tests"],
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("training_args.json", "ut_tokenizer.json", "metrics.jsonl", "training_summary.json", "samples.txt",
                  "loss_curve.png"):
@@ -74,15 +76,21 @@ def test_run_writes_every_artifact_and_loads_back(tmp_path):
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-6").exists()
 
 
-def test_accumulation_and_token_budget(tmp_path):
+def test_accumulation_token_budget_retention_milestones_and_final_model(tmp_path):
     out = tmp_path / "run"
     result = run_main([*tiny_model_flags(), "--gradient-accumulation-steps", "2", "--total-tokens", "1024",
-                       "--log-every", "2", "--output-dir", str(out)])
+                       "--log-every", "2", "--save-every", "1", "--save-total-limit", "2", "--milestone-every", "2",
+                       "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "= 4 steps" in result.stdout
     train, _ = _metrics(out)
     assert [r["step"] for r in train] == [2, 4]
     assert all(r["loss"] < 6.0 for r in train), "the logged loss is a per-token mean, not a sum over micro-batches"
+    # Retention keeps the newest two; milestones (the last step's too) and final_model are never pruned.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-2", "milestone-4"]
+    assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-4" / "model.keras")
+    assert "--save-total-limit 2: removed" in result.stdout
 
 
 @pytest.mark.backends
@@ -132,17 +140,19 @@ def test_best_checkpoint_eval_only_and_nonfinite_loss(tmp_path):
     _, val = _metrics(out)
     assert record["val_loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
 
-    # In a real process: the exit status 3, with no traceback.
+    # Exit status 3 with one error line, no exception.
     blown = tmp_path / "blown"
-    result = run_cli([*tiny_model_flags(), "--max-steps", "30", "--log-every", "5", "--save-every", "5",
-                      "--warmup-steps", "1", "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd",
-                      "--output-dir", str(blown)])
+    result = run_main([*tiny_model_flags(), "--max-steps", "30", "--log-every", "5", "--save-every", "5",
+                       "--warmup-steps", "1", "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd",
+                       "--output-dir", str(blown)])
     assert result.returncode == 3, result.stdout[-1500:]
     assert "became NaN or infinite after step" in result.stderr and "Traceback" not in result.stderr
     train, _ = _metrics(blown)
     assert all(np.isfinite(r["loss"]) for r in train)
     last_good = train[-1]["step"] if train else 0
-    assert all(int(c.name.split("-")[1]) <= last_good for c in blown.glob("checkpoint-*"))
+    saved = sorted(blown.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    assert all(int(c.name.split("-")[1]) <= last_good for c in saved)
+    assert (f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it") in result.stderr
 
     skipping = run_main([*tiny_model_flags(), "--max-steps", "30", "--log-every", "1", "--warmup-steps", "1",
                          "--grad-clip", "0", "--learning-rate", "1e6", "--optimizer", "sgd", "--skip-nonfinite", "3",
@@ -160,20 +170,37 @@ def test_eval_only_needs_a_checkpoint():
     assert result.returncode == 2 and "--eval-only needs the checkpoint to evaluate" in result.stderr
 
 
-def test_retention_milestones_and_final_model(tmp_path):
-    out = tmp_path / "run"
-    result = run_main([*tiny_model_flags(), "--max-steps", "8", "--save-every", "2", "--save-total-limit", "2",
-                       "--milestone-every", "4", "--log-every", "2", "--output-dir", str(out)])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
-    assert sorted(p.name for p in out.glob("milestone-*")) == ["milestone-4", "milestone-8"]
-    assert (out / "final_model" / "model.keras").samefile(out / "checkpoint-8" / "model.keras")
-    assert "--save-total-limit 2: removed" in result.stdout
-
-
 def test_fit_and_evaluate_keep_the_allocator_settings_only_where_tuned():
     from ultimate_trainer.training import callbacks, trainer
+    from ultimate_trainer.training.plan import ALLOCATOR_KEPT, Devices
 
-    kept = trainer._allocator_callbacks({"backend": {"host_allocator": trainer.ALLOCATOR_KEPT}})
-    assert [type(c) for c in kept] == [callbacks.KeepAllocatorSettings]
-    assert trainer._allocator_callbacks({"backend": {"host_allocator": "as configured"}}) == []
+    described = {"backend": "jax", "backend_version": "0", "keras_version": "3", "devices": {"cpu": 1},
+                 "device_names": ["cpu"]}
+    tuned = Devices.from_described(described, allocator_kept=True)
+    assert [type(c) for c in trainer._allocator_callbacks(tuned)] == [callbacks.KeepAllocatorSettings]
+    assert tuned.to_json()["host_allocator"] == ALLOCATOR_KEPT  # what --dry-run --json shows
+    untouched = Devices.from_described(described)
+    assert trainer._allocator_callbacks(untouched) == [] and untouched.to_json()["host_allocator"] == "as configured"
+
+
+def test_trainer_parts_run_in_process_with_a_fake_clock(tmp_path, capsys):
+    """The Trainer without the CLI: built from a plan, timed by the clock it is given."""
+    from ultimate_trainer import distribution
+    from ultimate_trainer.cli import parse_config
+    from ultimate_trainer.training import trainer
+
+    out = tmp_path / "run"
+    cfg = parse_config([*tiny_model_flags(), "--max-steps", "2", "--log-every", "1", "--sample-tokens", "0",
+                        "--distribution", "none", "--output-dir", str(out)])
+    dist = distribution.setup(cfg)
+    tokenizer, inputs = trainer.load_inputs(cfg)
+    plan = trainer.build_plan(cfg, tokenizer, inputs, dist)
+    ticks = iter([100.0, 142.5])  # the start of training, then its end
+    run = trainer.Trainer(cfg, plan, tokenizer, inputs, dist, now=lambda: next(ticks))
+    assert run.run() == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["wall_seconds"] == 42.5 and summary["steps"] == 2 and summary["best_step"] == 2
+    assert summary["backend"]["host_allocator"] == "as configured"  # tune_allocator did not run here
+    assert run.model.count_params() == plan.parameters.total and run.start_step == 0
+    assert sorted(run.checkpoints.saved) == [2] and (out / "final_model").is_dir()
+    assert "done: 2 steps in 42s" in capsys.readouterr().out

@@ -39,6 +39,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ultimate_trainer.checkpoint.layout import CHECKPOINT_NAME
 from ultimate_trainer.checkpoint.store import (
     LATEST_FILE,
     MANIFEST_FILE,
@@ -51,7 +52,7 @@ from ultimate_trainer.checkpoint.store import (
 from ultimate_trainer.config.parsers import sas_token_problem  # noqa: F401  re-exported
 from ultimate_trainer.errors import UserError
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = CHECKPOINT_NAME
 _MILESTONE = re.compile(r"^milestone-(\d+)$")
 _BEST = re.compile(r"^best_checkpoint-(\d+)-[0-9a-f]{8}$")
 # Pointer objects: one line naming a directory under the same prefix.

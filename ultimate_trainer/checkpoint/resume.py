@@ -3,17 +3,12 @@
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 
 from ultimate_trainer import config as config_lib
-from ultimate_trainer.checkpoint.store import (
-    MODEL_FILE,
-    STATE_FILE,
-    CorruptCheckpoint,
-    read_latest,
-    verify_checkpoint,
-)
+from ultimate_trainer.checkpoint import cloud
+from ultimate_trainer.checkpoint.layout import MODEL_FILE, STATE_FILE, checkpoints_in, is_complete
+from ultimate_trainer.checkpoint.store import CorruptCheckpoint, read_latest, verify_checkpoint
 from ultimate_trainer.config.resume_settings import (  # noqa: F401  changeable_names: re-exported
     CHANGEABLE,
     FIXED_BECAUSE,
@@ -21,26 +16,11 @@ from ultimate_trainer.config.resume_settings import (  # noqa: F401  changeable_
     parse_allowed,
     settings,
 )
+from ultimate_trainer.data.tokenizers import TOKENIZER_FILE
 from ultimate_trainer.errors import UserError
+from ultimate_trainer.training.plan import schedule_numbers
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 CLOUD_SCHEMES = ("s3://", "gs://", "az://", "https://")
-
-
-def is_complete(directory):
-    directory = Path(directory)
-    return (directory / MODEL_FILE).is_file() and (directory / STATE_FILE).is_file()
-
-
-def checkpoints_in(run_dir):
-    """Complete `checkpoint-{step}` dirs of a run, oldest first."""
-    run_dir = Path(run_dir)
-    found = []
-    for path in run_dir.glob("checkpoint-*") if run_dir.is_dir() else []:
-        match = _CHECKPOINT.match(path.name)
-        if match and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
 
 
 def newest_valid(run_dir, what, log=print, preferred=None):
@@ -84,8 +64,6 @@ def find_checkpoint(resume_from, output_dir, log=print, bucket_for=None):
         find_checkpoint("latest", "output_ultimate")   # .../checkpoint-1000
     """
     if str(resume_from).startswith(CLOUD_SCHEMES):
-        from ultimate_trainer.checkpoint import cloud
-
         bucket = bucket_for(resume_from) if bucket_for else None
         return cloud.fetch_for_resume(resume_from, Path(output_dir) / REMOTE_CACHE_DIR, bucket, log)
     if resume_from == "latest":
@@ -171,8 +149,6 @@ def saved_schedule(saved, state):
     its trainer_state.json, or, for older checkpoints, rebuilt from its settings."""
     if state.get("schedule"):
         return state["schedule"]
-    from ultimate_trainer.training.plan import schedule_numbers
-
     t, seq_len = saved.training, saved.model.seq_len
     micro = _sequences_per_step(saved, state) // t.gradient_accumulation_steps
     n = schedule_numbers(t, seq_len, micro, state["data"]["windows_per_epoch"], seq_len + 1)
@@ -214,10 +190,8 @@ def _tokenizer_text(meta):
 def differences(cfg, checkpoint, state, inputs, plan, tokenizer):
     """Every resolved setting in which this run (`cfg`, its `plan`, `inputs` and
     `tokenizer`) differs from the checkpoint's, as `Difference`s in message order."""
-    from ultimate_trainer.data.tokenizers import TOKENIZER_FILE
-
     saved = saved_config(checkpoint)
-    old, new = saved_schedule(saved, state), plan["schedule"]["lr_schedule"]
+    old, new = saved_schedule(saved, state), plan.schedule.lr_schedule
     found = []
     for s in settings():
         if s.kind == "schedule":
@@ -232,7 +206,7 @@ def differences(cfg, checkpoint, state, inputs, plan, tokenizer):
                 found.append(Difference(s.name, s.flag, s.kind, _show(s.flag, theirs), _show(s.flag, ours)))
         elif not _same(s.read(saved), s.read(cfg)):
             found.append(Difference(s.name, s.flag, s.kind, _show(s.flag, s.read(saved)), _show(s.flag, s.read(cfg))))
-    theirs, ours = _sequences_per_step(saved, state), plan["schedule"]["global_batch_size"]
+    theirs, ours = _sequences_per_step(saved, state), plan.schedule.global_batch_size
     if theirs != ours and not {"batch_size", "gradient_accumulation_steps"} & {d.name for d in found}:
         found.append(Difference("sequences_per_step", "sequences per step", "data", str(theirs),
                                 f"{ours} (--batch-size per device x data-parallel devices x accumulation)"))
@@ -262,7 +236,7 @@ def check_resumable(cfg, checkpoint, state, inputs, plan, tokenizer):
 
     Example:
         resumed = check_resumable(cfg, "out/checkpoint-100", read_state(...), inputs, plan, tokenizer)
-        plan["schedule"]["lr_schedule"] = resumed["lr_schedule"]
+        plan = plan.resumed({"checkpoint": "out/checkpoint-100", ...}, resumed["lr_schedule"])
     """
     allowed = parse_allowed(cfg.output.allow_changed_config)
     found = differences(cfg, checkpoint, state, inputs, plan, tokenizer)
@@ -295,7 +269,7 @@ def check_resumable(cfg, checkpoint, state, inputs, plan, tokenizer):
         return {"lr_schedule": schedule, "changes": [], "changed": None}
     parts = [d.change() for d in found]
     if any(d.kind == "schedule" for d in found):
-        schedule, line = _continued(schedule, state["step"], plan["schedule"]["lr_schedule"], checkpoint)
+        schedule, line = _continued(schedule, state["step"], plan.schedule.lr_schedule, checkpoint)
         parts.append(line)
     idle = sorted(allowed - {d.name for d in found})
     if idle:
@@ -306,7 +280,7 @@ def check_resumable(cfg, checkpoint, state, inputs, plan, tokenizer):
 
 def _continued(old, step, new, checkpoint):
     """`new` (a schedule config), continued from the LR `old` has at `step`, and a line saying how."""
-    from ultimate_trainer.training.schedules import continued
+    from ultimate_trainer.training.schedules import continued  # imports keras: config reads this module first
 
     if new["total_steps"] <= step:
         raise UserError(

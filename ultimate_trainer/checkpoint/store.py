@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 from ultimate_trainer import config as config_lib
+from ultimate_trainer.checkpoint.layout import (  # noqa: F401  the names are read from here too
+    LATEST_FILE,
+    MANIFEST_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    checkpoints_in,
+)
 from ultimate_trainer.errors import UserError
 
-MODEL_FILE = "model.keras"
-STATE_FILE = "trainer_state.json"
-MODEL_CONFIG_FILE = "model_config.json"
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "latest"
 # CausalLM config keys that may differ between a checkpoint and the model
 # that loads its weights: they change no weight's shape or meaning.
 # state_passing_rows only sizes carried TTT states (variables, not weights); see `load_model_weights`.
@@ -149,8 +152,6 @@ def prune_checkpoints(output_dir, keep, protect=()):
     `best_checkpoint/`, `final_model/` and the paths in `protect` are never
     touched. Returns the deleted paths.
     """
-    from ultimate_trainer.checkpoint.resume import checkpoints_in
-
     protected = {Path(p).resolve() for p in protect}
     candidates = [p for p in checkpoints_in(output_dir) if p.resolve() not in protected]
     doomed = candidates[: max(0, len(candidates) - keep)]

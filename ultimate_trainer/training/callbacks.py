@@ -17,6 +17,7 @@ import keras
 
 from ultimate_trainer import backend as backend_lib
 from ultimate_trainer.training import mfu
+from ultimate_trainer.training.reporting import format_seconds
 
 
 class StepClock:
@@ -244,21 +245,3 @@ class PeriodicCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.clock.due(self.save_every):
             self.save(self.clock.step)
-
-
-def run_eval(evaluate, step, sink, printer=print):
-    """Evaluates, logs one line and one metrics.jsonl record, returns the record."""
-    loss = float(evaluate())
-    record = {"step": step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
-    sink.write(record)
-    printer(f"eval step {step} | val_loss {loss:.4f} | val_ppl {record['val_perplexity']:.2f}")
-    return record
-
-
-def format_seconds(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"

@@ -4,11 +4,14 @@ Computed before any weight exists, from the closed-form formulas, so that
 `--dry-run` shows exactly what a run will cost.
 """
 
+import dataclasses
 import math
 
 from ultimate_trainer.config import ttt_kind
+from ultimate_trainer.distribution import format_distribution
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import sizing
+from ultimate_trainer.models.lora import parse_targets
 
 
 def eval_batches_for(val_windows, batch_size, limit=None, whole=False):
@@ -21,8 +24,6 @@ def eval_batches_for(val_windows, batch_size, limit=None, whole=False):
 def lora_targets(model_cfg):
     if not model_cfg.use_lora:
         return ()
-    from ultimate_trainer.models.lora import parse_targets
-
     return parse_targets(model_cfg.lora_targets)
 
 
@@ -147,31 +148,190 @@ def schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, window):
     return {"total_steps": total_steps, "rule": rule, "warmup_steps": warmup, "lr_end": lr_end, "notes": notes}
 
 
-def make_plan(cfg, tokenizer, inputs, data_parallel=1):
-    """Everything a run will do, as plain data (what `--dry-run --json` prints).
+@dataclasses.dataclass(frozen=True)
+class Parameters:
+    """Parameter counts from the closed-form formulas (`active`: per token; MoE blocks count top_k experts).
+
+    Example:
+        plan.parameters.total - plan.parameters.embedding   # the non-embedding count
+    """
+
+    total: int
+    non_embedding: int
+    embedding: int
+    trainable: int
+    active: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """What the run reads: `described` is the inputs' own description (kind, source,
+    record counts); counts are None for data a dry run cannot read here.
+
+    Example:
+        inputs.eval_dataset(plan.data.eval_batch_size)   # plan.data.eval_batches of them
+    """
+
+    described: dict
+    tokenizer: dict
+    train_tokens_per_epoch: int
+    val_tokens: int
+    window: int
+    window_step: int
+    windows_per_epoch: int
+    val_windows: int
+    eval_batches: int
+    eval_batch_size: int
+
+    def to_json(self):
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "described"}
+        return {**self.described, **fields}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulePlan:
+    """The run's length and learning-rate schedule; `lr_schedule` is what
+    `schedules.WarmupCosine.from_config` builds from (a resume may continue another one).
+
+    Example:
+        WarmupCosine.from_config(plan.schedule.lr_schedule), plan.schedule.total_steps
+    """
+
+    rule: str
+    total_steps: int
+    steps_per_epoch: int
+    epochs: float
+    batch_size: int
+    data_parallel: int
+    global_batch_size: int
+    gradient_accumulation_steps: int
+    tokens_per_step: int
+    total_tokens: int
+    total_flops: float
+    learning_rate: float
+    lr_end: float
+    warmup_steps: int
+    optimizer: str
+    lr_schedule: dict
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The backend and devices this process sees; `allocator_kept`: `backend.tune_allocator`
+    kept freed host memory (the run keeps that setting in force during `fit`).
+
+    Example:
+        Devices.from_described(backend.describe_devices(), allocator_kept=backend.tune_allocator())
+    """
+
+    backend: str
+    backend_version: str
+    keras_version: str
+    devices: dict
+    device_names: list
+    allocator_kept: bool = False
+    chosen_by: str = None
+
+    @classmethod
+    def from_described(cls, described, allocator_kept=False, chosen_by=None):
+        """From `backend.describe_devices()`'s dict."""
+        return cls(**described, allocator_kept=allocator_kept, chosen_by=chosen_by)
+
+    def to_json(self):
+        found = {"backend": self.backend, "backend_version": self.backend_version,
+                 "keras_version": self.keras_version, "devices": self.devices, "device_names": self.device_names,
+                 "host_allocator": ALLOCATOR_KEPT if self.allocator_kept else "as configured"}
+        return found if self.chosen_by is None else {**found, "chosen_by": self.chosen_by}
+
+
+ALLOCATOR_KEPT = "kept freed memory (glibc mallopt)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run will do, built once after the devices are known.
+
+    `to_json()` is what `--dry-run --json` prints. The model's `architecture`,
+    `distribution`, `peak_flops`, `sizing` and `resume` are plain data (dicts).
+
+    Example:
+        plan = make_plan(cfg, tokenizer, inputs, devices=devices)
+        plan.schedule.total_steps, plan.data.eval_batch_size, plan.to_json()["parameters"]["total"]
+    """
+
+    architecture: dict
+    parameters: Parameters
+    flops_per_token: float
+    data: DataPlan
+    schedule: SchedulePlan
+    sizing: dict = None
+    notes: tuple = ()
+    distribution: dict = None
+    devices: Devices = None
+    peak_flops: dict = None
+    resume: dict = None
+
+    def resumed(self, resume, lr_schedule):
+        """This plan continuing a checkpoint: `resume` describes it, `lr_schedule` is the schedule trained with."""
+        schedule = dataclasses.replace(self.schedule, lr_schedule=lr_schedule)
+        return dataclasses.replace(self, schedule=schedule, resume=resume)
+
+    def to_json(self):
+        found = {
+            "architecture": self.architecture,
+            "parameters": dataclasses.asdict(self.parameters),
+            "flops_per_token": self.flops_per_token,
+            "data": self.data.to_json(),
+            "schedule": self.schedule.to_json(),
+            "sizing": self.sizing,
+            "notes": list(self.notes),
+        }
+        extra = {"distribution": self.distribution, "backend": self.devices and self.devices.to_json(),
+                 "peak_flops": self.peak_flops, "resume": self.resume}
+        return {**found, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def make_plan(cfg, tokenizer, inputs, data_parallel=1, distribution=None, devices=None, peak_flops=None, notes=()):
+    """The run's `Plan`, from the resolved config and its data.
 
     `inputs` is a `data.inputs.StreamInputs` or `ShardInputs`, or for a dry run
     whose data cannot be read here an `UnreadInputs`, whose unknown counts stay
     None in the plan; `data_parallel` devices each take --batch-size sequences
-    of every micro-batch.
+    of every micro-batch. `distribution` (`Distribution.describe()`), `devices`
+    (`Devices`), `peak_flops` and the device `notes` complete it.
+
+    Example:
+        make_plan(cfg, tokenizer, inputs).schedule.total_steps
     """
     m, t = cfg.model, cfg.training
     architecture, params, flops = model_summary(m, tokenizer.vocab_size)
-    window, step = inputs.window, inputs.step
-    train_tokens, val_tokens = inputs.train_tokens, inputs.val_tokens
-    windows_per_epoch = inputs.windows_per_epoch
-    micro_batch = t.batch_size * data_parallel
-    sequences_per_step = micro_batch * t.gradient_accumulation_steps
-    tokens_per_step = sequences_per_step * m.seq_len
-    unread = windows_per_epoch is None
-    steps_per_epoch = None if unread else windows_per_epoch // sequences_per_step
+    found = []
+    data = _data_plan(cfg, tokenizer, inputs, data_parallel, found)
+    if data.windows_per_epoch is None and not (t.max_steps or t.total_tokens):
+        raise UserError(
+            f"--dry-run: {inputs.source} cannot be read here, as {inputs.reason}, so the steps of --epochs "
+            f"{t.epochs} are unknown; add --max-steps N or --total-tokens N to plan the run"
+        )
+    schedule = _schedule_plan(t, m.seq_len, data_parallel, inputs, flops, found)
+    return Plan(architecture=architecture, parameters=Parameters(**params), flops_per_token=flops, data=data,
+                schedule=schedule, sizing=_sizing(m, params["total"]),
+                notes=tuple(found + _config_notes(cfg) + [n for n in notes if n]),
+                distribution=distribution, devices=devices, peak_flops=peak_flops)
+
+
+def _data_plan(cfg, tokenizer, inputs, data_parallel, notes):
+    """The data part of the plan: validation batches that fill every device; adds its `notes`."""
+    micro_batch = cfg.training.batch_size * data_parallel
+    unread = inputs.windows_per_epoch is None
     val_windows = inputs.val_windows
     if val_windows == 0:
         raise UserError(
-            f"the validation data holds {val_tokens} tokens, fewer than one window of {window}; "
+            f"the validation data holds {inputs.val_tokens} tokens, fewer than one window of {inputs.window}; "
             f"raise --val-fraction or --max-val-examples, or lower --seq-len"
         )
-    notes = []
     eval_batch = micro_batch
     if data_parallel > 1 and not unread and val_windows < micro_batch:
         # A smaller validation batch that still fills every device equally.
@@ -191,7 +351,6 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     else:
         eval_batches = eval_batches_for(val_windows, eval_batch, cfg.output.eval_steps, whole=data_parallel > 1) \
             if eval_batch else 0
-
     if getattr(inputs, "rows", None):
         per_row = "" if unread else f", {inputs.windows_per_row:,} windows per epoch"
         notes.append(
@@ -199,14 +358,36 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
             f"data{per_row}, in order (not shuffled); TTT states carry over between its windows and restart with "
             f"each epoch"
         )
-    if unread and not (t.max_steps or t.total_tokens):
-        raise UserError(
-            f"--dry-run: {inputs.source} cannot be read here, as {inputs.reason}, so the steps of --epochs "
-            f"{t.epochs} are unknown; add --max-steps N or --total-tokens N to plan the run"
-        )
-    numbers = schedule_numbers(t, m.seq_len, micro_batch, windows_per_epoch, window)
-    total_steps, rule, warmup, lr_end = (numbers[k] for k in ("total_steps", "rule", "warmup_steps", "lr_end"))
+    return DataPlan(described=inputs.describe(), tokenizer=tokenizer.describe(),
+                    train_tokens_per_epoch=inputs.train_tokens, val_tokens=inputs.val_tokens, window=inputs.window,
+                    window_step=inputs.step, windows_per_epoch=inputs.windows_per_epoch, val_windows=val_windows,
+                    eval_batches=eval_batches, eval_batch_size=eval_batch)
+
+
+def _schedule_plan(t, seq_len, data_parallel, inputs, flops, notes):
+    """The schedule part of the plan (`t`: a `TrainingConfig`); adds its `notes`."""
+    micro_batch = t.batch_size * data_parallel
+    sequences_per_step = micro_batch * t.gradient_accumulation_steps
+    tokens_per_step = sequences_per_step * seq_len
+    windows_per_epoch = inputs.windows_per_epoch
+    steps_per_epoch = None if windows_per_epoch is None else windows_per_epoch // sequences_per_step
+    numbers = schedule_numbers(t, seq_len, micro_batch, windows_per_epoch, inputs.window)
+    total_steps, warmup, lr_end = numbers["total_steps"], numbers["warmup_steps"], numbers["lr_end"]
     notes += numbers["notes"]
+    return SchedulePlan(
+        rule=numbers["rule"], total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        epochs=total_steps / steps_per_epoch if steps_per_epoch else None, batch_size=t.batch_size,
+        data_parallel=data_parallel, global_batch_size=sequences_per_step,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, tokens_per_step=tokens_per_step,
+        total_tokens=total_steps * tokens_per_step, total_flops=total_steps * tokens_per_step * flops,
+        learning_rate=t.learning_rate, lr_end=lr_end, warmup_steps=warmup, optimizer=t.optimizer,
+        lr_schedule={"peak": t.learning_rate, "end": lr_end, "warmup_steps": warmup, "total_steps": total_steps},
+    )
+
+
+def _config_notes(cfg):
+    """Notes on flags that do less than a user may expect."""
+    m, notes = cfg.model, []
     if m.use_lora and not m.init_from:
         notes.append("--use-lora without --init-from trains adapters on a randomly initialised base model")
     restated = [flag for key, flag in (("loader.use_streaming", "--use-streaming"),
@@ -215,45 +396,7 @@ def make_plan(cfg, tokenizer, inputs, data_parallel=1):
     if restated:
         notes.append(f"{' and '.join(restated)}: text sources are always streamed and tokenized while training; "
                      f"accepted as the guides write it, changes nothing")
-
-    return {
-        "architecture": architecture,
-        "parameters": params,
-        "flops_per_token": flops,
-        "data": {
-            **inputs.describe(),
-            "tokenizer": tokenizer.describe(),
-            "train_tokens_per_epoch": train_tokens,
-            "val_tokens": val_tokens,
-            "window": window,
-            "window_step": step,
-            "windows_per_epoch": windows_per_epoch,
-            "val_windows": val_windows,
-            "eval_batches": eval_batches,
-            "eval_batch_size": eval_batch,
-        },
-        "schedule": {
-            "rule": rule,
-            "total_steps": total_steps,
-            "steps_per_epoch": steps_per_epoch,
-            "epochs": total_steps / steps_per_epoch if steps_per_epoch else None,
-            "batch_size": t.batch_size,
-            "data_parallel": data_parallel,
-            "global_batch_size": sequences_per_step,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "tokens_per_step": tokens_per_step,
-            "total_tokens": total_steps * tokens_per_step,
-            "total_flops": total_steps * tokens_per_step * flops,
-            "learning_rate": t.learning_rate,
-            "lr_end": lr_end,
-            "warmup_steps": warmup,
-            "optimizer": t.optimizer,
-            # What `schedules.WarmupCosine` is built from; a resume may continue another one.
-            "lr_schedule": {"peak": t.learning_rate, "end": lr_end, "warmup_steps": warmup, "total_steps": total_steps},
-        },
-        "sizing": _sizing(m, params["total"]),
-        "notes": notes,
-    }
+    return notes
 
 
 def _sizing(model_cfg, total):
@@ -269,7 +412,8 @@ def _sizing(model_cfg, total):
 
 
 def format_plan(plan, layout_rules=False):
-    """Human-readable lines for a plan (`layout_rules`: also each rule of the layout map)."""
+    """Human-readable lines for a `Plan` (`layout_rules`: also each rule of the layout map)."""
+    plan = plan.to_json()
     a, p, d, s = plan["architecture"], plan["parameters"], plan["data"], plan["schedule"]
     if d["kind"] == "unread":
         data_line = (f"data: {d['source']}, not read here ({d['tokenizer']['kind']} tokenizer, vocab "
@@ -312,8 +456,6 @@ def format_plan(plan, layout_rules=False):
             f"{z['total_params']:,} parameters ({100 * z['deviation']:+.2f}%), d_model/layers {z['aspect_ratio']:.0f}"
         ))
     if plan.get("distribution"):
-        from ultimate_trainer.distribution import format_distribution
-
         lines += format_distribution(plan["distribution"], rules=layout_rules)
     if plan.get("peak_flops"):
         peak = plan["peak_flops"]

@@ -1,5 +1,6 @@
 """Where a run's metric records go: metrics.jsonl, TensorBoard, Weights & Biases;
-and the loss-curve PNG drawn from metrics.jsonl at the end.
+the loss-curve PNG drawn from metrics.jsonl at the end; and the run's summary
+(training_summary.json and its closing line).
 
 Every record is a flat dict with a `step`: training records carry `loss`,
 `lr`, `grad_norm`, `tokens_per_sec`, `mfu`; validation records `val_loss`
@@ -17,6 +18,7 @@ from ultimate_trainer.errors import UserError
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_CURVE_FILE = "loss_curve.png"
+SUMMARY_FILE = "training_summary.json"
 WANDB_ID_FILE = "wandb_run_id"
 # Bookkeeping fields that are not curves.
 _NOT_SCALARS = {"step", "tokens", "elapsed_sec", "skipped_updates"}
@@ -93,6 +95,82 @@ class NullSink:
 
     def close(self):
         pass
+
+
+class RunSummary:
+    """The closing record of a finished run: what training_summary.json holds
+    and the `done:` line.
+
+    `plan` is the run's `training.plan.Plan`; `start_step` the step it began
+    at (`resumed`: from a checkpoint); `logger` a `callbacks.MetricsLogger`
+    (its `train_seconds`, `history` and MFU `peak`).
+
+    Example:
+        summary = RunSummary(plan, start_step=0).record(wall, logger, initial, final, evaluator, "out/checkpoint-6")
+        RunSummary.write(summary, "out")
+    """
+
+    def __init__(self, plan, start_step=0, resumed=False, eval_enabled=True):
+        self.plan, self.start_step, self.resumed, self.eval_enabled = plan, start_step, resumed, eval_enabled
+
+    def record(self, wall, logger, initial, final, evaluator, checkpoint):
+        """The summary dict; `initial` and `final` are validation records, `evaluator` holds the best."""
+        s, plan = self.plan.schedule, self.plan
+        trained_tokens = (s.total_steps - self.start_step) * s.tokens_per_step  # in this process
+        tokens_per_sec = trained_tokens / max(logger.train_seconds, 1e-9)
+        mfu = logger.peak.mfu(plan.flops_per_token * tokens_per_sec)  # may raise a peak that was too low
+        return {
+            "steps": s.total_steps,
+            "resumed_from_step": self.start_step if self.resumed else None,
+            "tokens": s.total_steps * s.tokens_per_step,
+            "wall_seconds": wall,
+            "train_seconds": logger.train_seconds,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": mfu,
+            "peak_flops": logger.peak.peak if plan.peak_flops is not None else None,
+            "initial_val_loss": initial["val_loss"],
+            "final_val_loss": final["val_loss"],
+            "final_val_perplexity": final["val_perplexity"],
+            "final_train_loss": logger.history[-1]["loss"] if logger.history else None,
+            "val_loss_reduction": 1 - final["val_loss"] / initial["val_loss"] if self.eval_enabled else None,
+            "best_val_loss": evaluator.best_val_loss,
+            "best_step": evaluator.best_step,
+            "checkpoint": str(checkpoint),
+            "parameters": plan.to_json()["parameters"],
+            "architecture": plan.architecture,
+            "backend": plan.devices.to_json() if plan.devices is not None else None,
+            "distribution": plan.distribution,
+        }
+
+    @staticmethod
+    def write(summary, output_dir):
+        path = Path(output_dir) / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        return path
+
+    @staticmethod
+    def line(summary):
+        """`done: N steps in T, R tok/s; val_loss A -> B (P% lower); checkpoint C`."""
+        validation = "no validation (--no-eval); " if summary["val_loss_reduction"] is None else (
+            f"val_loss {summary['initial_val_loss']:.4f} -> {summary['final_val_loss']:.4f} "
+            f"({100 * summary['val_loss_reduction']:.0f}% lower); ")
+        return (f"done: {summary['steps']:,} steps in {format_seconds(summary['wall_seconds'])}, "
+                f"{summary['tokens_per_sec']:,.0f} tok/s; {validation}checkpoint {summary['checkpoint']}")
+
+
+def format_seconds(seconds):
+    """`42s`, `3m07s` or `2h05m`.
+
+    Example:
+        >>> format_seconds(187)
+        '3m07s'
+    """
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def _start_wandb(output_dir, project, run_name, config, entity=None):

@@ -1,22 +1,43 @@
 """Runs one training job: plan, data, model, `fit`, checkpoints, summary.
 
+`train(cfg)` finds what to resume, reads the data and makes the `Plan`; a
+`Trainer` then builds the model, restores it, fits it and finishes the run,
+with a `CheckpointManager`, an `Evaluator`, a `MetricsSink` and a `RunSummary`.
 Readable top to bottom, in the order the run happens.
 """
 
+import dataclasses
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import keras
+import tensorflow as tf  # tf.data feeds every backend (data/pipeline.py)
+
 from ultimate_trainer import backend as backend_lib
 from ultimate_trainer import config as config_lib
 from ultimate_trainer import distribution as distribution_lib
+from ultimate_trainer.checkpoint import cloud
+from ultimate_trainer.checkpoint.layout import MODEL_FILE
+from ultimate_trainer.checkpoint.manager import CheckpointConfig, CheckpointManager
 from ultimate_trainer.checkpoint.resume import check_resumable, find_checkpoint, read_state
 from ultimate_trainer.checkpoint.run_dir import prepare_output_dir
+from ultimate_trainer.checkpoint.store import check_architecture, init_from, rng_state, save_checkpoint, set_rng_state
 from ultimate_trainer.data import shards, sources, tokenizers
+from ultimate_trainer.data.inputs import ShardInputs, StreamInputs, unread_inputs
 from ultimate_trainer.errors import UserError
-from ultimate_trainer.training.plan import format_plan, make_plan
+from ultimate_trainer.models import lora, moe
+from ultimate_trainer.models.causal_lm import build_causal_lm
+from ultimate_trainer.training import callbacks as cb
+from ultimate_trainer.training import interrupt, mfu, reporting
+from ultimate_trainer.training.evaluator import Evaluator, perplexity
+from ultimate_trainer.training.generation import sample_text
+from ultimate_trainer.training.losses import TokenCrossEntropy
+from ultimate_trainer.training.optimizers import FiniteMean, build_optimizer
+from ultimate_trainer.training.plan import Devices, format_plan, make_plan
+from ultimate_trainer.training.schedules import WarmupCosine
 
 SAMPLE_PROMPTS = ("The ", "A function ", "In Python, ")
 
@@ -30,48 +51,72 @@ def say(message):
         print(message, flush=True)
 
 
-ALLOCATOR_KEPT = "kept freed memory (glibc mallopt)"
-
-
-def _allocator_callbacks(plan):
+def _allocator_callbacks(devices):
     """What keeps `tune_allocator`'s settings in force during `fit`/`evaluate`."""
-    from ultimate_trainer.training import callbacks as cb
-
-    return [cb.KeepAllocatorSettings()] if plan["backend"]["host_allocator"] == ALLOCATOR_KEPT else []
+    return [cb.KeepAllocatorSettings()] if devices.allocator_kept else []
 
 
 def train(cfg):
-    """Trains as `cfg` says; returns the process exit code."""
+    """Trains as `cfg` says; returns the process exit code.
+
+    Example:
+        train(cli.parse_config(["--model-preset", "nano", "--max-steps", "20"]))   # 0
+    """
     allocator_tuned = backend_lib.tune_allocator()  # before the big buffers exist
     # First: joining a cluster must come before anything asks jax for its devices.
     dist = distribution_lib.setup(cfg, dry_run=cfg.run.dry_run)
     _CHIEF[0] = dist.is_chief
     out = Path(cfg.output.output_dir)
-    resume = None
     with dist.chief_first():  # process 0 fetches a remote checkpoint, then the others find it cached
-        if cfg.output.resume_from:
-            from ultimate_trainer.checkpoint import cloud
-
-            resume = find_checkpoint(cfg.output.resume_from, out, say,
-                                     bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
+        resume = _find_resume(cfg, out)
     # Resuming a checkpoint of this very output dir continues its run; anything else must not clobber one.
     continuing = resume is not None and out.resolve() in Path(resume).resolve().parents
     if not continuing and not cfg.run.eval_only:
         prepare_output_dir(out, cfg.output.overwrite, dry_run=True)  # refuse early, before slow imports
-    upload_to = None
-    if cfg.cloud.cloud_provider and dist.is_chief and not cfg.run.dry_run and not cfg.run.eval_only:
-        from ultimate_trainer.checkpoint import cloud
-
-        # Before any compute (tokenizer, model, first step): bad credentials or a missing bucket stop the run here.
-        upload_to = cloud.upload_destination(cfg.cloud, out, say)
+    upload_to = _upload_destination(cfg, out, dist)
     dist.barrier("output_dir_checked")  # every process checked before process 0 writes anything
 
-    devices = backend_lib.describe_devices()
-    accel = backend_lib.accelerator(devices["devices"])
+    described = backend_lib.describe_devices()
+    accel = backend_lib.accelerator(described["devices"])
     derived = config_lib.derive(cfg, data_parallel=dist.data_parallel, accel=accel,
                                 bf16_missing=backend_lib.bf16_unsupported_reason() if accel else None)
     cfg = config_lib.applied(cfg, derived)  # the spec as these devices train it: batch split, precision default
-    batch_line = derived.batch.line
+    _say_batch(cfg, dist, derived.batch.line)
+    with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
+        tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training),
+                                        plan_only=cfg.run.dry_run and resume is None)
+    cfg = _sized_for_vocab(cfg, tokenizer)
+    plan = build_plan(cfg, tokenizer, inputs, dist, allocator_tuned, resume, described)
+    if cfg.run.dry_run:
+        return _dry_run(cfg, plan)
+    if cfg.run.eval_only:
+        return _eval_only(cfg, plan, tokenizer, inputs, resume or cfg.model.init_from, dist)
+    moved = None if continuing or not dist.is_chief else prepare_output_dir(out, cfg.output.overwrite)
+    say(_backend_line(plan.devices))
+    if moved:
+        say(f"--overwrite: moved the previous run to {moved}")
+    for line in format_plan(plan):
+        say(line)
+    return Trainer(cfg, plan, tokenizer, inputs, dist, resume, upload_to).run()
+
+
+def _find_resume(cfg, out):
+    """The verified checkpoint --resume-from names, or None."""
+    if not cfg.output.resume_from:
+        return None
+    return find_checkpoint(cfg.output.resume_from, out, say,
+                           bucket_for=lambda uri: cloud.bucket_for_uri(cfg.cloud, uri))
+
+
+def _upload_destination(cfg, out, dist):
+    """(bucket, prefix) the checkpoints are uploaded to, or None."""
+    if not cfg.cloud.cloud_provider or not dist.is_chief or cfg.run.dry_run or cfg.run.eval_only:
+        return None
+    # Before any compute (tokenizer, model, first step): bad credentials or a missing bucket stop the run here.
+    return cloud.upload_destination(cfg.cloud, out, say)
+
+
+def _say_batch(cfg, dist, batch_line):
     if dist.data_parallel > 1 and not batch_line:
         t = cfg.training
         batch_line = (f"global batch {t.batch_size * dist.data_parallel * t.gradient_accumulation_steps} = "
@@ -79,69 +124,72 @@ def train(cfg):
                       f"{t.gradient_accumulation_steps} accumulation steps")
     if batch_line and not cfg.run.json:
         say(batch_line)
-    with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
-        tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training),
-                                        plan_only=cfg.run.dry_run and resume is None)
-    if config_lib.target_params_pending(cfg):
-        cfg = config_lib.sized_for_vocab(cfg, tokenizer.vocab_size)
-        m = cfg.model
-        if not cfg.run.json:
-            say(f"--target-params {m.target_params:,} sized for the {tokenizer.vocab_size:,}-piece vocab that "
-                f"--auto-vocab-size picked: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
-                f"d_ff {m.d_ff}")
-    plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel)
-    plan["distribution"] = dist.describe()
-    devices["host_allocator"] = ALLOCATOR_KEPT if allocator_tuned else "as configured"
-    if backend_lib.choice().get("backend") == devices["backend"]:
-        devices["chosen_by"] = backend_lib.choice()["reason"]
-    plan["backend"] = devices
-    defaults_line = distribution_lib.device_defaults(cfg, devices)
-    if defaults_line:
-        plan["notes"].append(defaults_line)
-    plan["peak_flops"] = _peak_flops(cfg, devices, dist.devices)
-    if resume is not None:
-        if cfg.model.use_lora:
-            raise UserError(
-                "resuming a LoRA run is not supported yet: its checkpoints hold the adapters merged into the "
-                f"weights; start a new LoRA run with --init-from {resume}"
-            )
-        state = read_state(resume)
-        resumed = check_resumable(cfg, resume, state, inputs, plan, tokenizer)
-        plan["schedule"]["lr_schedule"] = resumed.pop("lr_schedule")
-        plan["resume"] = {"checkpoint": str(resume), "step": state["step"], "data": state["data"], **resumed}
 
-    if cfg.run.dry_run:
-        if cfg.run.json:
-            print(json.dumps(plan, indent=2))
-        else:
-            say(_backend_line(devices))
-            for line in format_plan(plan, layout_rules=True):
-                say(line)
-            say("dry run: nothing trained")
-        return 0
 
-    if cfg.run.eval_only:
-        return _eval_only(cfg, plan, tokenizer, inputs, resume or cfg.model.init_from, dist)
-    moved = None if continuing or not dist.is_chief else prepare_output_dir(out, cfg.output.overwrite)
-    say(_backend_line(devices))
-    if moved:
-        say(f"--overwrite: moved the previous run to {moved}")
-    for line in format_plan(plan):
-        say(line)
-    return _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume, upload_to)
+def _sized_for_vocab(cfg, tokenizer):
+    """`cfg` with --target-params sized for the tokenizer's vocab, when --auto-vocab-size left it open."""
+    if not config_lib.target_params_pending(cfg):
+        return cfg
+    cfg = config_lib.sized_for_vocab(cfg, tokenizer.vocab_size)
+    m = cfg.model
+    if not cfg.run.json:
+        say(f"--target-params {m.target_params:,} sized for the {tokenizer.vocab_size:,}-piece vocab that "
+            f"--auto-vocab-size picked: d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
+            f"d_ff {m.d_ff}")
+    return cfg
+
+
+def build_plan(cfg, tokenizer, inputs, dist, allocator_tuned=False, resume=None, described=None):
+    """The run's `Plan`, once the devices are known; with a checkpoint to
+    `resume`, checked to continue it.
+
+    Example:
+        build_plan(cfg, tokenizer, inputs, distribution.setup(cfg)).to_json()
+    """
+    described = described or backend_lib.describe_devices()
+    chosen = backend_lib.choice()
+    devices = Devices.from_described(described, allocator_kept=bool(allocator_tuned),
+                                     chosen_by=chosen["reason"] if chosen.get("backend") == described["backend"]
+                                     else None)
+    defaults_line = distribution_lib.device_defaults(cfg, described)
+    plan = make_plan(cfg, tokenizer, inputs, data_parallel=dist.data_parallel, distribution=dist.describe(),
+                     devices=devices, notes=[defaults_line])
+    # Only once the plan holds (a CPU peak may take a measurement).
+    plan = dataclasses.replace(plan, peak_flops=_peak_flops(cfg, devices, dist.devices))
+    if resume is None:
+        return plan
+    if cfg.model.use_lora:
+        raise UserError(
+            "resuming a LoRA run is not supported yet: its checkpoints hold the adapters merged into the "
+            f"weights; start a new LoRA run with --init-from {resume}"
+        )
+    state = read_state(resume)
+    resumed = check_resumable(cfg, resume, state, inputs, plan, tokenizer)
+    lr_schedule = resumed.pop("lr_schedule")
+    return plan.resumed({"checkpoint": str(resume), "step": state["step"], "data": state["data"], **resumed},
+                        lr_schedule)
+
+
+def _dry_run(cfg, plan):
+    if cfg.run.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        say(_backend_line(plan.devices))
+        for line in format_plan(plan, layout_rules=True):
+            say(line)
+        say("dry run: nothing trained")
+    return 0
 
 
 def _peak_flops(cfg, devices, count):
     """Peak FLOP/s of the `count` devices the run uses, and where the figure comes from."""
-    from ultimate_trainer.training import mfu
-
     if cfg.training.peak_flops:
         return {"total": cfg.training.peak_flops * count, "per_device": cfg.training.peak_flops, "source": "--peak-flops"}
-    name = devices["device_names"][0]
-    accel = backend_lib.accelerator(devices["devices"])
+    name = devices.device_names[0]
+    accel = backend_lib.accelerator(devices.devices)
     # The precision the run computes in: a GPU without bfloat16 runs float32 even when asked.
     mixed = config_lib.trains_in_bfloat16(cfg, accel, backend_lib.bf16_unsupported_reason() if accel else None)
-    per_device = mfu.table_peak(name, mixed, devices["backend"])
+    per_device = mfu.table_peak(name, mixed, devices.backend)
     if per_device is not None:
         tf32 = not mixed and per_device != mfu.table_peak(name, False)
         return {"total": per_device * count, "per_device": per_device,
@@ -149,7 +197,7 @@ def _peak_flops(cfg, devices, count):
     if accel is None:
         dtype = "bfloat16" if mixed else "float32"
         try:
-            peak = mfu.cpu_peak(dtype, devices["backend"])
+            peak = mfu.cpu_peak(dtype, devices.backend)
         except (RuntimeError, OSError) as error:  # no peak is better than a wrong one
             return {"total": None, "per_device": None,
                     "source": f"the CPU peak could not be measured ({error}); pass --peak-flops for MFU"}
@@ -159,12 +207,9 @@ def _peak_flops(cfg, devices, count):
 
 
 def _backend_line(devices):
-    found = ", ".join(f"{n} {kind}" for kind, n in sorted(devices["devices"].items()))
-    line = (
-        f"backend: {devices['backend']} {devices['backend_version']} "
-        f"(keras {devices['keras_version']}); devices: {found}"
-    )
-    return line + (f"\nbackend chosen by {devices['chosen_by']}" if devices.get("chosen_by") else "")
+    found = ", ".join(f"{n} {kind}" for kind, n in sorted(devices.devices.items()))
+    line = f"backend: {devices.backend} {devices.backend_version} (keras {devices.keras_version}); devices: {found}"
+    return line + (f"\nbackend chosen by {devices.chosen_by}" if devices.chosen_by else "")
 
 
 def load_inputs(cfg, micro_batch=None, plan_only=False):
@@ -172,8 +217,6 @@ def load_inputs(cfg, micro_batch=None, plan_only=False):
     `micro_batch`: sequences per micro-batch over all devices (default --batch-size).
     `plan_only` (a dry run): data that cannot be read here (shards not prepared
     yet, a hub dataset without network) is planned from the flags instead."""
-    from ultimate_trainer.data.inputs import ShardInputs, StreamInputs, unread_inputs
-
     m = cfg.model
     # TTT state passing: one stream per row of the whole (all-device) micro-batch.
     rows = (micro_batch or cfg.training.batch_size) if m.state_passing else None
@@ -208,19 +251,14 @@ def load_inputs(cfg, micro_batch=None, plan_only=False):
 
 def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     """`--eval-only`: the validation loss of a checkpoint, nothing written."""
-    from ultimate_trainer.checkpoint.store import init_from
-    from ultimate_trainer.models.causal_lm import build_causal_lm
-    from ultimate_trainer.training.losses import TokenCrossEntropy
-
-    eval_batch = plan["data"]["eval_batch_size"]
+    eval_batch, batches = plan.data.eval_batch_size, plan.data.eval_batches
     with dist.scope():
         model = build_causal_lm(cfg.model, tokenizer.vocab_size)
         init_from(model, checkpoint)
         model.compile(loss=TokenCrossEntropy(), **backend_lib.compile_options(dist.strategy))
-    batches = plan["data"]["eval_batches"]
     loss = float(model.evaluate(dist.process_batches(inputs.eval_dataset(eval_batch)), steps=batches, verbose=0,
-                                callbacks=_allocator_callbacks(plan), return_dict=True)["loss"])
-    result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+                                callbacks=_allocator_callbacks(plan.devices), return_dict=True)["loss"])
+    result = {"checkpoint": str(checkpoint), "val_loss": loss, "val_perplexity": perplexity(loss),
               "val_tokens": batches * eval_batch * cfg.model.seq_len}
     if cfg.run.json:
         print(json.dumps(result))
@@ -229,323 +267,291 @@ def _eval_only(cfg, plan, tokenizer, inputs, checkpoint, dist):
     return 0
 
 
-def _fit(cfg, plan, tokenizer, inputs, out, devices, dist, resume=None, upload_to=None):
-    from ultimate_trainer.training import reporting
+class Trainer:
+    """One run's training: build the model, restore it, fit it, finish.
 
-    o = cfg.output
-    uploader = None
-    if not dist.is_chief:  # only process 0 writes logs, checkpoints and uploads
-        return _fit_with(reporting.NullSink(), None, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
-    if upload_to is not None:
-        from ultimate_trainer.checkpoint import cloud
+    `plan` is the run's `Plan`; `resume` the checkpoint it continues (or
+    None); `upload_to` the (bucket, prefix) its checkpoints go to. `now` is
+    the wall clock the summary measures with.
 
-        bucket, prefix = upload_to
-        uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say)
-        say(f"uploads: checkpoints, milestones, best_checkpoint and final_model go to {bucket.uri(prefix)} in the "
-            f"background")
-    sink = reporting.MetricsSink(out, o.tensorboard, o.wandb_project, o.wandb_run_name, cfg.to_dict(redact=True),
-                                 wandb_entity=o.wandb_entity)
-    try:
-        return _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume)
-    finally:
-        if uploader is not None:
-            say("uploads: waiting for the last uploads to finish")
-            say(uploader.close(cfg.cloud.cloud_upload_wait))
-        sink.close()
-        # Drawn on every way out (done, interrupted, stopped on NaN): the curve so far.
-        curve = reporting.plot_loss_curve(sink.path, out / reporting.LOSS_CURVE_FILE, title=str(out))
-        if curve:
-            say(f"loss curve: {curve}")
+    Example:
+        Trainer(cfg, plan, tokenizer, inputs, dist).run()   # the exit code
+    """
 
+    def __init__(self, cfg, plan, tokenizer, inputs, dist, resume=None, upload_to=None, now=time.perf_counter):
+        self.cfg, self.plan, self.tokenizer, self.inputs, self.dist = cfg, plan, tokenizer, inputs, dist
+        self.resume, self.upload_to, self.now = resume, upload_to, now
+        self.out = Path(cfg.output.output_dir)
+        self.micro = dist.micro_batch(cfg.training)  # sequences per micro-batch over all devices
+        self.sink, self.uploader = reporting.NullSink(), None
+        self.model, self.write_extra, self.start_step = None, None, 0
+        self.schedule = self.checkpoints = self.evaluator = None  # made by `compile` and `fit`
 
-def _fit_with(sink, uploader, cfg, plan, tokenizer, inputs, out, devices, dist, resume):
-    import keras
+    # ------------------------------------------------------------------ the run
+    def run(self):
+        """Fits, with the metrics sink and the uploader open (process 0 only), and closes them on every way out."""
+        if not self.dist.is_chief:  # only process 0 writes logs, checkpoints and uploads
+            return self.fit()
+        self._open_reporting()
+        try:
+            return self.fit()
+        finally:
+            self._close_reporting()
 
-    from ultimate_trainer.checkpoint.store import (
-        MODEL_FILE,
-        check_architecture,
-        init_from,
-        link_copy,
-        prune_checkpoints,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from ultimate_trainer.models import lora
-    from ultimate_trainer.models.causal_lm import build_causal_lm
-    from ultimate_trainer.training import callbacks as cb
-    from ultimate_trainer.training import interrupt
-    from ultimate_trainer.training.generation import sample_text
-    from ultimate_trainer.training.losses import TokenCrossEntropy
-    from ultimate_trainer.training.optimizers import FiniteMean, build_optimizer
-    from ultimate_trainer.training.schedules import WarmupCosine
+    def fit(self):
+        """Builds, restores, trains and finishes; returns the exit code."""
+        if self.dist.is_chief:
+            config_lib.write_json(self.cfg, self.out / "training_args.json")
+            self.tokenizer.save(self.out)
+        keras.utils.set_random_seed(self.cfg.training.seed)
+        self._set_precision()
+        _say_attention_path(self.cfg.model, self.plan.devices)
+        # Build, compile and restore under a tf.distribute strategy (on jax the distribution is global).
+        with self.dist.scope():
+            self.build()
+            self.compile()
+            self.restore()
+        self.checkpoints = self._checkpoint_manager()
+        self.evaluator = self._evaluator()
+        initial = self.evaluator.validate(self.start_step)
+        moe.read_stats(self.model)  # from zero: a resumed checkpoint holds a window's partial sums
+        clock, logger = self._clock_and_logger()
+        start = self.now()
+        self.train_loop(clock, logger)
+        return self.finish(clock, logger, initial, self.now() - start)
 
-    m, t, o, s = cfg.model, cfg.training, cfg.output, plan["schedule"]
-    chief = dist.is_chief
-    if chief:
-        config_lib.write_json(cfg, out / "training_args.json")
-        tokenizer.save(out)
-    micro = dist.micro_batch(t)  # sequences per micro-batch over all devices
-
-    keras.utils.set_random_seed(t.seed)
-    if cfg.optimization.use_mixed_precision:
+    # ------------------------------------------------------------------ build and restore
+    def _set_precision(self):
+        if not self.cfg.optimization.use_mixed_precision:
+            return
         unsupported = backend_lib.bf16_unsupported_reason()
         if unsupported:
             say(f"precision: float32; --use-mixed-precision asks for bfloat16, but {unsupported}")
         else:
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
             say("precision: bfloat16 compute, float32 weights")
-    _say_attention_path(m, devices)
 
-    # Build, compile and restore under a tf.distribute strategy (on jax the distribution is global).
-    with dist.scope():
-        model = build_causal_lm(m, tokenizer.vocab_size, state_passing_rows=micro if m.state_passing else None)
+    def build(self):
+        """The model, initialised from --init-from, with LoRA adapters, checked against the plan's counts."""
+        m = self.cfg.model
+        model = build_causal_lm(m, self.tokenizer.vocab_size, state_passing_rows=self.micro if m.state_passing else None)
         if m.state_passing:
             # Each stream holds this many windows; the carried states restart with the streams every epoch.
-            model.stream_windows = inputs.windows_per_row
+            model.stream_windows = self.inputs.windows_per_row
         if m.init_from:
             init_from(model, m.init_from)
             say(f"initialised from {m.init_from}")
-        write_extra = None
         if m.use_lora:
             targets = lora.parse_targets(m.lora_targets)
             lora.enable_lora(model, m.lora_rank, m.lora_alpha, targets)
-
-            def write_extra(directory):
-                lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
-        layout_report = distribution_lib.check_layouts(model, dist)
+            self.write_extra = lambda directory: lora.save_lora(model, directory, m.lora_rank, m.lora_alpha, targets)
+        layout_report = distribution_lib.check_layouts(model, self.dist)
         if layout_report is not None:
-            for line in distribution_lib.format_layout_report(layout_report, dist):
+            for line in distribution_lib.format_layout_report(layout_report, self.dist):
                 say(line)
-        trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
-        params = model.count_params()
-        if (params, trainable) != (plan["parameters"]["total"], plan["parameters"]["trainable"]):
+        self.model = model
+        self._check_counts()
+
+    def _check_counts(self):
+        trainable = sum(math.prod(v.shape) for v in self.model.trainable_weights)
+        params, planned = self.model.count_params(), self.plan.parameters
+        if (params, trainable) != (planned.total, planned.trainable):
             raise RuntimeError(
                 f"built model has {params:,} parameters ({trainable:,} trainable) but "
-                f"sizing.count_params says {plan['parameters']['total']:,} ({plan['parameters']['trainable']:,}); "
+                f"sizing.count_params says {planned.total:,} ({planned.trainable:,}); "
                 f"the formula and the model have drifted apart"
             )
-        schedule = WarmupCosine.from_config(s["lr_schedule"])
-        model.compile(
-            optimizer=build_optimizer(t, schedule, model),
-            loss=TokenCrossEntropy(),
-            **backend_lib.compile_options(dist.strategy),
-        )
+
+    def compile(self):
+        t = self.cfg.training
+        self.schedule = WarmupCosine.from_config(self.plan.schedule.lr_schedule)
+        self.model.compile(optimizer=build_optimizer(t, self.schedule, self.model), loss=TokenCrossEntropy(),
+                           **backend_lib.compile_options(self.dist.strategy))
         if t.skip_nonfinite:
             # A skipped update's loss stays out of the logged mean. Set untracked, as
             # `compile` sets it: the built model refuses new tracked state.
-            object.__setattr__(model, "_loss_tracker", FiniteMean(name="loss"))
+            object.__setattr__(self.model, "_loss_tracker", FiniteMean(name="loss"))
 
-        start_step = 0
-        if resume is not None:
-            state = read_state(resume)
-            check_architecture(model, resume, "--resume-from")
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(Path(resume) / MODEL_FILE)  # weights and optimizer slots, iterations included
-            set_rng_state(model, state.get("rng"))
-            start_step = state["step"]
-            say(f"resumed from {resume} at step {start_step:,} (data window {state['data']['next_window']:,})")
+    def restore(self):
+        """Weights, optimizer slots and RNG of the checkpoint resumed from; sets `start_step`."""
+        if self.resume is None:
+            return
+        state = read_state(self.resume)
+        check_architecture(self.model, self.resume, "--resume-from")
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(Path(self.resume) / MODEL_FILE)  # weights and optimizer slots, iterations included
+        set_rng_state(self.model, state.get("rng"))
+        self.start_step = state["step"]
+        say(f"resumed from {self.resume} at step {self.start_step:,} (data window {state['data']['next_window']:,})")
 
-    val_ds = _with_workers(dist.process_batches(inputs.eval_dataset(plan["data"]["eval_batch_size"])),
-                           cfg.loader.num_workers)
+    # ------------------------------------------------------------------ components
+    def _open_reporting(self):
+        o = self.cfg.output
+        if self.upload_to is not None:
+            bucket, prefix = self.upload_to
+            self.uploader = cloud.Uploader(bucket, prefix, keep=o.save_total_limit, log=say)
+            say(f"uploads: checkpoints, milestones, best_checkpoint and final_model go to {bucket.uri(prefix)} in "
+                f"the background")
+        self.sink = reporting.MetricsSink(self.out, o.tensorboard, o.wandb_project, o.wandb_run_name,
+                                          self.cfg.to_dict(redact=True), wandb_entity=o.wandb_entity)
 
-    def evaluate():
-        return model.evaluate(val_ds, steps=plan["data"]["eval_batches"], verbose=0, callbacks=_allocator_callbacks(plan),
-                              return_dict=True)["loss"]
+    def _close_reporting(self):
+        if self.uploader is not None:
+            say("uploads: waiting for the last uploads to finish")
+            say(self.uploader.close(self.cfg.cloud.cloud_upload_wait))
+        self.sink.close()
+        # Drawn on every way out (done, interrupted, stopped on NaN): the curve so far.
+        curve = reporting.plot_loss_curve(self.sink.path, self.out / reporting.LOSS_CURVE_FILE, title=str(self.out))
+        if curve:
+            say(f"loss curve: {curve}")
 
-    accumulation = t.gradient_accumulation_steps
-    intervals = (o.log_every, o.eval_every, o.save_every) + ((o.milestone_every,) if o.milestone_every else ())
-    clock = cb.StepClock(s["total_steps"], intervals, accumulation, start_step)
-    tokens_per_step = s["tokens_per_step"]
-    saved = {}
+    def _checkpoint_manager(self):
+        def write(name, state, **options):
+            return save_checkpoint(self.model, self.tokenizer, self.cfg, self.out, name, state, self.write_extra,
+                                   **options)
 
-    def _state(step):
+        config = CheckpointConfig.from_output(self.cfg.output, self.out, self.dist.is_chief, self.resume)
+        return CheckpointManager(config, write, self.trainer_state, say, self.uploader,
+                                 gather=lambda: self.dist.host_values(self.model))
+
+    def _evaluator(self):
+        val_ds = _with_workers(self.dist.process_batches(self.inputs.eval_dataset(self.plan.data.eval_batch_size)),
+                               self.cfg.loader.num_workers)
+        callbacks = _allocator_callbacks(self.plan.devices)
+
+        def evaluate():
+            return self.model.evaluate(val_ds, steps=self.plan.data.eval_batches, verbose=0, callbacks=callbacks,
+                                       return_dict=True)["loss"]
+
+        # A worse first evaluation after a resume must not replace the better best.
+        best = read_state(self.resume).get("best") if self.resume is not None else None
+        return Evaluator(evaluate, self.sink, say, enabled=self.cfg.output.eval_enabled, start_step=self.start_step,
+                         best=best, on_best=self.checkpoints.save_best)
+
+    def trainer_state(self, step):
+        """What a checkpoint at `step` records beside the weights (trainer_state.json)."""
+        t, s = self.cfg.training, self.plan.schedule
+        sequences = self.micro * t.gradient_accumulation_steps
         return {
             "step": step,
-            "tokens_seen": step * tokens_per_step,
+            "tokens_seen": step * s.tokens_per_step,
             # Windows (sequences) drawn from the stream so far, micro-batches included.
-            "data": inputs.state(step * micro * accumulation, t.seed),
-            "sequences_per_step": micro * accumulation,
-            "schedule": s["lr_schedule"],  # a later resume continues this one
-            "rng": rng_state(model),
+            "data": self.inputs.state(step * sequences, t.seed),
+            "sequences_per_step": sequences,
+            "schedule": s.lr_schedule,  # a later resume continues this one
+            "rng": rng_state(self.model),
             # The best validation so far, so a resumed run keeps a better best_checkpoint (local and in the bucket).
-            **({"best": {"val_loss": best["val_loss"], "step": best.get("step")}} if math.isfinite(best["val_loss"]) else {}),
+            **self.evaluator.state(),
         }
 
-    def save(step):
-        if step in saved:
-            return saved[step]
-        # Every process takes part (weights split across processes are gathered); process 0 writes.
-        with dist.host_values(model):
-            path = out / f"checkpoint-{step}"
-            if chief:
-                path = save_checkpoint(model, tokenizer, cfg, out, path.name, _state(step), write_extra, latest=True)
-        saved[step] = path
-        if not chief:
-            return path
-        say(f"saved {path}")
-        if uploader is not None:
-            uploader.submit(path)
-        if o.save_total_limit:
-            # A checkpoint not uploaded yet is kept locally until it is.
-            keep = ([resume] if resume else []) + (uploader.pending if uploader is not None else [])
-            for gone in prune_checkpoints(out, o.save_total_limit, protect=keep):
-                for key in [k for k, v in saved.items() if v == gone]:
-                    del saved[key]
-                say(f"--save-total-limit {o.save_total_limit}: removed {gone}")
-        return path
+    def _clock_and_logger(self):
+        o, t, s = self.cfg.output, self.cfg.training, self.plan.schedule
+        intervals = (o.log_every, o.eval_every, o.save_every) + ((o.milestone_every,) if o.milestone_every else ())
+        clock = cb.StepClock(s.total_steps, intervals, t.gradient_accumulation_steps, self.start_step)
+        logger = cb.MetricsLogger(clock, o.log_every, s.tokens_per_step, self.schedule, self.sink, say,
+                                  flops_per_token=self.plan.flops_per_token, peak=dict(self.plan.peak_flops or {}),
+                                  skip_nonfinite=t.skip_nonfinite,
+                                  moe_stats=(lambda: moe.read_stats(self.model)) if self.cfg.model.num_experts else None)
+        return clock, logger
 
-    def save_milestone(step):
-        with dist.host_values(model):
-            if chief:
-                path = save_checkpoint(model, tokenizer, cfg, out, f"milestone-{step}", _state(step), write_extra)
-                say(f"saved milestone {path}")
-                if uploader is not None:
-                    uploader.submit(path)
+    # ------------------------------------------------------------------ train and finish
+    def train_loop(self, clock, logger):
+        """`fit` over the clock's segments, until the last step or a graceful stop."""
+        o, t = self.cfg.output, self.cfg.training
+        callbacks = [
+            cb.StepCounter(clock),
+            logger,
+            cb.PeriodicEval(clock, o.eval_every, self.evaluator.validate),
+            cb.PeriodicCheckpoint(clock, o.save_every, self.checkpoints.save),
+            *([cb.PeriodicCheckpoint(clock, o.milestone_every, self.checkpoints.milestone)] if o.milestone_every else []),
+            *_allocator_callbacks(self.plan.devices),
+        ]
+        total, accumulation = self.plan.schedule.total_steps, t.gradient_accumulation_steps
+        say(f"training {total - self.start_step:,} steps, {self.start_step:,} -> {total:,} (Keras epochs of "
+            f"{clock.epoch_steps} steps)")
+        with interrupt.graceful_stop(clock, say):
+            for first_step, epoch_steps, epochs in clock.segments():
+                if clock.interrupted:
+                    break
+                # Each fit call reads the stream from exactly where the previous one stopped.
+                start_window = first_step * self.micro * accumulation
+                train_ds = _with_workers(
+                    self.dist.process_batches(self.inputs.train_dataset(self.micro, t.seed, start_window=start_window)),
+                    self.cfg.loader.num_workers,
+                )
+                self.model.fit(train_ds, epochs=epochs, steps_per_epoch=epoch_steps * accumulation,
+                               callbacks=callbacks, verbose=0,
+                               shuffle=False)  # the pipeline shuffles; Keras cannot shuffle a stream
 
-    best = {"val_loss": math.inf}
-    if resume is not None:  # a worse first evaluation after a resume must not replace the better best
-        best.update(read_state(resume).get("best") or {})
-
-    def validate(step):
-        if not o.eval_enabled:  # --no-eval
-            return {"val_loss": None, "val_perplexity": None}
-        record = cb.run_eval(evaluate, step, sink, say)
-        if step > start_step and record["val_loss"] < best["val_loss"]:
-            best.update(record)
-            with dist.host_values(model):
-                if chief:
-                    save_checkpoint(model, tokenizer, cfg, out, "best_checkpoint", _state(step), write_extra,
-                                    replace=True)
-                    if uploader is not None:
-                        uploader.submit(out / "best_checkpoint")
-            say(f"best validation loss so far: saved {out / 'best_checkpoint'}")
-        return record
-
-    initial = validate(start_step)
-    from ultimate_trainer.models import moe
-
-    moe.read_stats(model)  # from zero: a resumed checkpoint holds a window's partial sums
-    logger = cb.MetricsLogger(clock, o.log_every, tokens_per_step, schedule, sink, say,
-                              flops_per_token=plan["flops_per_token"], peak=plan["peak_flops"],
-                              skip_nonfinite=t.skip_nonfinite,
-                              moe_stats=(lambda: moe.read_stats(model)) if m.num_experts else None)
-    callbacks = [
-        cb.StepCounter(clock),
-        logger,
-        cb.PeriodicEval(clock, o.eval_every, validate),
-        cb.PeriodicCheckpoint(clock, o.save_every, save),
-        *([cb.PeriodicCheckpoint(clock, o.milestone_every, save_milestone)] if o.milestone_every else []),
-        *_allocator_callbacks(plan),
-    ]
-    remaining = s["total_steps"] - start_step
-    say(f"training {remaining:,} steps, {start_step:,} -> {s['total_steps']:,} (Keras epochs of {clock.epoch_steps} steps)")
-    start = time.perf_counter()
-    with interrupt.graceful_stop(clock, say):
-        for first_step, epoch_steps, epochs in clock.segments():
-            if clock.interrupted:
-                break
-            # Each fit call reads the stream from exactly where the previous one stopped.
-            train_ds = _with_workers(
-                dist.process_batches(inputs.train_dataset(micro, t.seed, start_window=first_step * micro * accumulation)),
-                cfg.loader.num_workers,
-            )
-            model.fit(
-                train_ds,
-                epochs=epochs,
-                steps_per_epoch=epoch_steps * accumulation,
-                callbacks=callbacks,
-                shuffle=False,  # the pipeline shuffles; Keras cannot shuffle a stream
-                verbose=0,
-            )
-    wall = time.perf_counter() - start
-    if clock.interrupted and not clock.done:
-        checkpoint = save(clock.step)
-        say(
-            f"stopped at step {clock.step:,} of {s['total_steps']:,}; the checkpoint is complete. Resume with the "
-            f"same flags plus: --resume-from {checkpoint}"
-        )
+    def finish(self, clock, logger, initial, wall):
+        """After `fit`: the checkpoint of a stop, the error of a blow-up, or the final checkpoint and summary."""
+        total = self.plan.schedule.total_steps
+        if clock.interrupted and not clock.done:
+            checkpoint = self.checkpoints.save(clock.step)
+            say(f"stopped at step {clock.step:,} of {total:,}; the checkpoint is complete. Resume with the same flags "
+                f"plus: --resume-from {checkpoint}")
+            return 0
+        if clock.nonfinite_after is not None:
+            self._report_nonfinite(clock)
+            return 3
+        final = self.evaluator.validate(total)
+        checkpoint = self.checkpoints.save(total)
+        if self.checkpoints.milestone_due(total):
+            self.checkpoints.milestone(total)
+        samples = self._samples()
+        if not self.dist.is_chief:
+            return 0
+        self.checkpoints.final(checkpoint)
+        self._write_samples(samples)
+        summary = reporting.RunSummary(self.plan, self.start_step, resumed=self.resume is not None,
+                                       eval_enabled=self.cfg.output.eval_enabled)
+        record = summary.record(wall, logger, initial, final, self.evaluator, checkpoint)
+        reporting.RunSummary.write(record, self.out)
+        say(reporting.RunSummary.line(record))
         return 0
-    if clock.nonfinite_after is not None:
-        good = f"the last good checkpoint is {saved[max(saved)]}" if saved else "no checkpoint was saved before it"
+
+    def _report_nonfinite(self, clock):
+        skip = self.cfg.training.skip_nonfinite
+        last = self.checkpoints.last_good()
+        good = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
         print(
             f"error: the training loss or gradients became NaN or infinite after step {clock.nonfinite_after:,}"
-            + (f" (more than --skip-nonfinite {t.skip_nonfinite} updates)" if t.skip_nonfinite else "")
+            + (f" (more than --skip-nonfinite {skip} updates)" if skip else "")
             + f"; {good}. Lower --learning-rate, raise --warmup-steps or keep --grad-clip on, then --resume-from "
             f"that checkpoint with --allow-changed-config naming what you changed (--skip-nonfinite N steps over "
             f"rare bad batches)",
             file=sys.stderr,
         )
-        return 3
-    final = validate(s["total_steps"])
-    checkpoint = save(s["total_steps"])
-    if o.milestone_every and s["total_steps"] % o.milestone_every == 0:
-        save_milestone(s["total_steps"])
-    # Every process samples (its computations span all devices); process 0 writes.
-    samples = [sample_text(model, tokenizer, p, o.sample_tokens, seed=t.seed + i)
-               for i, p in enumerate(SAMPLE_PROMPTS)] if o.sample_tokens else []
-    if not chief:
-        return 0
-    final_model = link_copy(checkpoint, out / "final_model")
-    say(f"final model: {final_model}")
-    if uploader is not None:
-        uploader.submit(final_model)
-    if samples:
-        (out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
+
+    def _samples(self):
+        # Every process samples (its computations span all devices); process 0 writes.
+        o, seed = self.cfg.output, self.cfg.training.seed
+        return [sample_text(self.model, self.tokenizer, p, o.sample_tokens, seed=seed + i)
+                for i, p in enumerate(SAMPLE_PROMPTS)] if o.sample_tokens else []
+
+    def _write_samples(self, samples):
+        if not samples:
+            return
+        (self.out / "samples.txt").write_text("\n\n---\n\n".join(samples) + "\n")
         say("samples:")
         for text in samples:
             say("  " + text.replace("\n", "\n  "))
-
-    trained_tokens = (s["total_steps"] - start_step) * tokens_per_step  # in this process
-    tokens_per_sec = trained_tokens / max(logger.train_seconds, 1e-9)
-    summary = {
-        "steps": s["total_steps"],
-        "resumed_from_step": start_step if resume is not None else None,
-        "tokens": s["total_steps"] * tokens_per_step,
-        "wall_seconds": wall,
-        "train_seconds": logger.train_seconds,
-        "tokens_per_sec": tokens_per_sec,
-        "mfu": logger.peak.mfu(plan["flops_per_token"] * tokens_per_sec),
-        "peak_flops": plan["peak_flops"],
-        "initial_val_loss": initial["val_loss"],
-        "final_val_loss": final["val_loss"],
-        "final_val_perplexity": final["val_perplexity"],
-        "final_train_loss": logger.history[-1]["loss"] if logger.history else None,
-        "val_loss_reduction": 1 - final["val_loss"] / initial["val_loss"] if o.eval_enabled else None,
-        "best_val_loss": best["val_loss"] if o.eval_enabled else None,
-        "best_step": best.get("step"),
-        "checkpoint": str(checkpoint),
-        "parameters": plan["parameters"],
-        "architecture": plan["architecture"],
-        "backend": devices,
-        "distribution": plan["distribution"],
-    }
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(
-        f"done: {s['total_steps']:,} steps in {cb.format_seconds(wall)}, {tokens_per_sec:,.0f} tok/s; "
-        + (f"val_loss {initial['val_loss']:.4f} -> {final['val_loss']:.4f} "
-           f"({100 * summary['val_loss_reduction']:.0f}% lower); " if o.eval_enabled else "no validation (--no-eval); ")
-        + f"checkpoint {checkpoint}"
-    )
-    return 0
 
 
 def _with_workers(dataset, num_workers):
     """`--num-workers N`: the input pipeline runs on a private pool of N threads."""
     if not num_workers:
         return dataset
-    import tensorflow as tf
-
     options = tf.data.Options()
     options.threading.private_threadpool_size = num_workers
     return dataset.with_options(options)
 
 
 def _say_attention_path(model_cfg, devices):
-    accel = backend_lib.accelerator(devices["devices"])
+    accel = backend_lib.accelerator(devices.devices)
     if not model_cfg.flash_attention:
         say("attention: plain kernel (--no-flash-attention)")
     elif accel is None:
         say("attention: plain kernel; flash attention needs a GPU or TPU and no CPU kernel exists")
     else:
-        say(f"attention: flash kernel where {devices['backend']} has one for this {accel}, else the plain kernel")
+        say(f"attention: flash kernel where {devices.backend} has one for this {accel}, else the plain kernel")
