@@ -7,9 +7,12 @@ has been chosen.
 """
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ultimate_trainer import config as config_lib
+from ultimate_trainer.backend import BACKENDS, init_devices, quiet_start, select_backend
 from ultimate_trainer.errors import UserError
 
 DESCRIPTION = """\
@@ -91,13 +94,12 @@ def _train(argv):
     cfg = parse_config(argv)
     if "loader.shard_tokens" in cfg.explicit:
         raise UserError("--shard-tokens only applies to `prepare-data`; drop it from a training run")
-    from ultimate_trainer import backend
-
-    backend.select_backend(cfg.run.backend, cfg)
-    with backend.quiet_start(not cfg.run.verbose):
+    select_backend(cfg.run.backend, cfg)
+    with quiet_start(not cfg.run.verbose):
+        # heavy: keras and the frameworks load here, once the backend is chosen and their logs silenced
         from ultimate_trainer.training.trainer import train
 
-        backend.init_devices()
+        init_devices()
     return train(cfg)
 
 
@@ -109,13 +111,12 @@ def _prepare_data(argv):
     if not destination:
         raise UserError("prepare-data needs --data-dir DIR, the directory to write the shards into")
     cfg = config_lib.resolve_config(values)
-    from ultimate_trainer import backend
-
-    backend.select_backend(cfg.run.backend)
-    with backend.quiet_start(not cfg.run.verbose):
+    select_backend(cfg.run.backend)
+    with quiet_start(not cfg.run.verbose):
+        # heavy: tensorflow loads here, once the backend is chosen and its logs silenced
         from ultimate_trainer.data import shards, sources, tokenizers
 
-        backend.init_devices()
+        init_devices()
 
     train, val, source = sources.open_records(cfg.data)
     tokenizer = tokenizers.make_tokenizer(cfg.tokenizer, train, val, log=print,
@@ -128,10 +129,6 @@ def _prepare_data(argv):
 
 def _generate(argv):
     """`generate --checkpoint DIR --prompt TEXT`: sample text from a trained model."""
-    import json
-
-    from ultimate_trainer.backend import BACKENDS, init_devices, quiet_start, select_backend
-
     parser = _Parser(prog="ultimate-trainer generate", description="Sample text from a checkpoint.")
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint-<step> directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
@@ -154,6 +151,7 @@ def _generate(argv):
         raise UserError("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
     select_backend(args.backend, default="jax")  # auto's table measures training, not generation
     with quiet_start(not args.verbose):
+        # heavy: keras loads here, once the backend is chosen and its logs silenced
         from ultimate_trainer.checkpoint.store import load_model
         from ultimate_trainer.training.generation import generate
 
@@ -175,11 +173,6 @@ def _generate(argv):
 
 
 def _export(argv):
-    import json
-    from pathlib import Path
-
-    from ultimate_trainer.backend import BACKENDS, init_devices, quiet_start, select_backend
-
     parser = _Parser(
         prog="ultimate-trainer export",
         description="Write a checkpoint as a Hugging Face transformers model directory (docs/export.md).",
@@ -190,11 +183,13 @@ def _export(argv):
     parser.add_argument("--backend", choices=BACKENDS, help="keras backend that loads the checkpoint")
     parser.add_argument("--verbose", action="store_true", help="show the frameworks' own start-up logs")
     args = parser.parse_args(argv)
+    # optional: transformers (the [hf] extra), needed by `export` alone
     from ultimate_trainer.export.hf import check_output_dir, export_hf
 
     check_output_dir(args.output)
     select_backend(args.backend, default="jax")  # auto's table measures training speed
     with quiet_start(not args.verbose):
+        # heavy: keras loads here, once the backend is chosen and its logs silenced
         from ultimate_trainer.checkpoint.store import load_model
 
         init_devices()
@@ -211,6 +206,7 @@ def _export(argv):
 
 def _cost(argv):
     """`cost [train flags] [--device-type T --devices N --mfu F | --wall-time 2.7h ...]`."""
+    # lazy: rich and the cost tables load for `cost` and `recipes` only, not for every --help
     from ultimate_trainer import cost as cost_lib
 
     parser = build_parser(
@@ -252,9 +248,7 @@ def _cost(argv):
         report["notes"].append(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not change the cost; "
                                f"ignored here")
     if as_json:
-        import json
-
-        print(json.dumps(report, indent=2))
+            print(json.dumps(report, indent=2))
     else:
         cost_lib.render(report)
     return 0
@@ -262,6 +256,7 @@ def _cost(argv):
 
 def _recipes(argv):
     """`recipes [--device-type T] [--mfu F] [--json]`: the shipped recipes and their cost."""
+    # lazy: rich and the cost tables load for `cost` and `recipes` only, not for every --help
     from ultimate_trainer import cost as cost_lib
     from ultimate_trainer import recipes
 
@@ -276,9 +271,7 @@ def _recipes(argv):
     args = parser.parse_args(argv)
     rows = cost_lib.recipe_table(recipes.recipe_names(), args.device_type, args.mfu)
     if args.json:
-        import json
-
-        print(json.dumps(rows, indent=2))
+            print(json.dumps(rows, indent=2))
     else:
         cost_lib.render_recipes(rows, args.device_type, args.mfu)
     return 0

@@ -37,11 +37,11 @@ def preflight(cfg):
             f"--wandb-project {cfg.output.wandb_project} needs the wandb package; pip install wandb, or drop the flag"
         )
     if cfg.data.data_files:
-        from ultimate_trainer.data import sources  # the data layer, above the config: only this step reads files
+        from ultimate_trainer.data import sources  # lazy: the data layer, above the config: only this step reads files
 
         sources.resolve_data_files(cfg.data.data_files)
     if cfg.tokenizer.tokenizer_path:
-        from ultimate_trainer.data import tokenizers  # the data layer, above the config: only this step reads files
+        from ultimate_trainer.data import tokenizers  # lazy: the data layer, above the config: only this step reads files
 
         tokenizers.peek_vocab_size(cfg.tokenizer.tokenizer_path)  # exists and is a tokenizer
 
@@ -59,7 +59,7 @@ def vocab_size_of(tokenizer_cfg):
         >>> vocab_size_of(TokenizerConfig()), vocab_size_of(TokenizerConfig(tokenizer="sentencepiece"))
         (258, 16000)
     """
-    from ultimate_trainer.data import tokenizers  # the data layer, above the config: reads tokenizer files
+    from ultimate_trainer.data import tokenizers  # lazy: the data layer, above the config: reads tokenizer files
 
     t = tokenizer_cfg
     if t.tokenizer_path:
@@ -86,7 +86,7 @@ def planned_vocab_size(cfg):
     d = cfg.data.data_dir
     if d is None or cfg.tokenizer.tokenizer_path:
         return vocab_size_of(cfg.tokenizer)
-    from ultimate_trainer.data import shards  # the data layer, above the config: reads the shards' metadata
+    from ultimate_trainer.data import shards  # lazy: the data layer, above the config: reads the shards' metadata
 
     if shards.has_meta(d):
         return shards.read_meta(d)["tokenizer"]["vocab_size"]
@@ -139,7 +139,7 @@ def sized_for_vocab(cfg, vocab_size):
 
 def _solve_target(m, vocab):
     """{d_model, num_layers, num_heads, d_ff} for --target-params at `vocab`."""
-    from ultimate_trainer.models import sizing  # the model's parameter formula; sizing takes this package's spec
+    from ultimate_trainer.models import sizing  # lazy: the model's parameter formula; sizing takes this package's spec
 
     positive(m.target_params, "--target-params")
     solution = sizing.solve_target_params(
