@@ -11,11 +11,14 @@ import dataclasses
 
 from ultimate_trainer.config.derived import batch_split
 from ultimate_trainer.config.parsers import (
+    TFDS_PREFIX,
     cluster_settings,
     moe_block_indices,
+    parse_data_mix,
     parse_device_batch_sizes,
     parse_lora_targets,
     parse_mesh,
+    parse_tfds_id,
     sas_token_problem,
     ttt_block_indices,
 )
@@ -344,9 +347,25 @@ def _validate_data(d, explicit, names):
     positive(d.max_val_examples, names["max_val_examples"], allow_none=True)
     if not 0 < d.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
-    if d.dataset_id and d.data_files:
-        raise UserError("--dataset-id and --data-files both choose the data; pass only one")
-    if not d.dataset_id:
+    positive(d.eval_tokens, names["eval_tokens"], allow_none=True)
+    chosen = [names[n] for n in ("dataset_id", "data_files", "data_mix") if getattr(d, n)]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} {'both' if len(chosen) == 2 else 'all'} choose the data; pass only one")
+    if d.data_mix:
+        for source, _ in parse_data_mix(d.data_mix):
+            if source.startswith(TFDS_PREFIX):
+                parse_tfds_id(source)
+    if d.dataset_id and d.dataset_id.startswith(TFDS_PREFIX):
+        parse_tfds_id(d.dataset_id)
+        if d.dataset_config:
+            raise UserError(f"--dataset-config {d.dataset_config} does not apply to --dataset-id {d.dataset_id}; "
+                            f"write the config into the id: tfds:NAME/CONFIG")
+    tfds_used = any(s.startswith(TFDS_PREFIX) for s in [d.dataset_id or ""] + [
+        s for s, _ in (parse_data_mix(d.data_mix) if d.data_mix else ())])
+    if d.tfds_data_dir and not tfds_used:
+        raise UserError(f"--tfds-data-dir {d.tfds_data_dir} applies to TFDS sources only; pass --dataset-id "
+                        f"tfds:NAME (or a tfds: source in --data-mix), or drop --tfds-data-dir")
+    if not (d.dataset_id or d.data_mix):
         defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
         for name in ("dataset_config", "split", "val_split"):
             if f"data.{name}" in explicit and getattr(d, name) != defaults[name]:
