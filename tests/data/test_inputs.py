@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_main, tiny_model_flags
+from tests.data.test_stream import tfds_dir  # noqa: F401 (the fixture: a TFDS dataset prepared on disk)
 from tools.make_corpus import write_parquet_corpus
 from ultimate_trainer.config import resolve_config
 from ultimate_trainer.data import inputs as inputs_lib
@@ -98,3 +99,15 @@ def test_a_streamed_dataset_trains_and_resumes_with_the_same_losses(corpus, tmp_
     assert sorted(got) == [4, 5, 6]
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got, want)
+
+
+def test_a_tfds_dataset_feeds_a_streamed_input_that_resumes_exactly(tfds_dir, tmp_path):
+    cfg = resolve_config({"data.dataset_id": "tfds:tiny_text/en", "data.tfds_data_dir": str(tfds_dir),
+                          "data.val_split": "validation", "model.seq_len": 8, "loader.shuffle_buffer_size": 4,
+                          "output.output_dir": str(tmp_path / "out")})
+    _, inputs = inputs_lib.load_streamed(cfg, "streamed")
+    assert sorted(inputs.val_records) == sorted(f"held {i}" for i in range(10)) and inputs.estimate.records == 60
+    whole = _batches(inputs.train_dataset(2, 1), 10)
+    _, again = inputs_lib.load_streamed(cfg, "streamed", resume=json.loads(json.dumps(inputs.state(10, 1))))
+    np.testing.assert_array_equal(np.concatenate(_batches(again.train_dataset(2, 1, start_window=10), 5)),
+                                  np.concatenate(whole[5:]))

@@ -428,8 +428,8 @@ def hub_unavailable(data_cfg):
         hub_unavailable(cfg.data)  # 'HF_HUB_OFFLINE is set'
     """
     d = data_cfg
-    if not d.dataset_id or Path(d.dataset_id).expanduser().exists():
-        return None
+    if not d.dataset_id or d.dataset_id.startswith("tfds:") or Path(d.dataset_id).expanduser().exists():
+        return None  # a TFDS dataset is read from --tfds-data-dir, prepared beforehand
     return _hub_down()
 
 
