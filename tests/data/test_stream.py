@@ -383,6 +383,8 @@ def test_token_estimates_come_from_metadata_and_are_labelled(corpus, tmp_path, t
     true = sum(_byte_tokens(t) + 1 for p in paths for t in sources.read_file(p))
     est = estimate_files(paths, _byte_tokens, sample_records=10)
     assert not est.records_exact and abs(est.records - 21) <= 3 and 0.4 < est.tokens / true < 1.0  # JSON markup
+    whole = estimate_files(paths, _byte_tokens, sample_records=100)  # a sample that reads the source to its end
+    assert (whole.records, whole.tokens) == (21, true)
     est = estimate_tokens("tfds:tiny_text/en", _byte_tokens, data_dir=tfds_dir, sample_records=20)
     assert est.records == 60 and est.records_exact and "TFDS metadata" in est.basis
     assert 0.8 < est.tokens / sum(len(f"example {i}") + 1 for i in range(60)) < 1.2
