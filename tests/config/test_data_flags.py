@@ -25,6 +25,9 @@ def test_a_data_mix_parses_weights_after_the_last_colon():
     ({"data.dataset_id": "x/y", "data.tfds_data_dir": "/d"}, "--tfds-data-dir /d applies to TFDS sources only"),
     ({"data.dataset_id": "x/y", "data.data_mix": "a.jsonl:1"}, "--dataset-id and --data-mix both choose the data; pass only one"),
     ({"data.eval_tokens": 0}, "--eval-tokens must be a positive number, got 0"),
+    ({"data.eval_tokens": 100}, "--eval-tokens 100 bounds the validation of --dataset-id, --data-files or --data-mix"),
+    ({"data.data_mix": "a.jsonl:1", "model.ttt_layer_type": "linear", "model.state_passing": True},
+     "--state-passing reads one contiguous stream per batch row from a counted source, which --data-mix is not"),
 ])
 def test_bad_data_flags_are_one_line_errors(values, message):
     with pytest.raises(UserError, match=message) as e:

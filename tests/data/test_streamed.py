@@ -30,6 +30,7 @@ def test_which_sources_stream(corpus, monkeypatch):
     capped = streamed.streamed(data(dataset_id="x/y", max_train_examples=10, max_val_examples=5))
     assert not capped[0] and "counted" in capped[1]
     assert not streamed.streamed(data())[0]
+    assert streamed.streamed(data(data_files=str(corpus), eval_tokens=100))[0]  # bounded in tokens: streamed
 
 
 def test_train_and_validation_streams_hold_out_disjoint_records(corpus):

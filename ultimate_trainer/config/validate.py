@@ -71,6 +71,7 @@ def validate(cfg):
     _validate_distribution(cfg.distribution)
     _validate_loader(cfg, names)
     _validate_data(cfg.data, cfg.explicit, names)
+    _validate_streamed_only(cfg.data, cfg.model)
     _validate_tokenizer_of(cfg, names)
     if cfg.run.json and not (cfg.run.dry_run or cfg.run.eval_only):
         raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
@@ -340,6 +341,18 @@ def _validate_shard_source(cfg):
             f"--{name.replace('_', '-')} does not apply with --data-dir: the shards already hold their "
             f"tokenized data and tokenizer; pass such flags to `prepare-data` instead"
         )
+
+
+def _validate_streamed_only(d, m):
+    """Sources and bounds only the streamed input reads (data/streamed.py)."""
+    if d.eval_tokens and not (d.dataset_id or d.data_files or d.data_mix):
+        raise UserError(f"--eval-tokens {d.eval_tokens} bounds the validation of --dataset-id, --data-files or "
+                        f"--data-mix; the default data holds out a fixed slice (bound it with --max-val-examples)")
+    tfds = bool(d.dataset_id and d.dataset_id.startswith(TFDS_PREFIX))
+    if m.state_passing and (d.data_mix or tfds or d.eval_tokens):
+        what = "--data-mix" if d.data_mix else "--eval-tokens" if d.eval_tokens else f"--dataset-id {d.dataset_id}"
+        raise UserError(f"--state-passing reads one contiguous stream per batch row from a counted source, which "
+                        f"{what} is not; train it without --state-passing, or on --data-files / --data-dir")
 
 
 def _validate_data(d, explicit, names):

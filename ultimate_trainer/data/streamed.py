@@ -36,6 +36,8 @@ def streamed(data_cfg):
         return False, f"--data-dir {d.data_dir}: pre-tokenized shards, counted in their metadata"
     if d.data_mix:
         return True, "--data-mix: streamed, no pass before training"
+    if d.eval_tokens:
+        return True, f"--eval-tokens {d.eval_tokens}: validation is bounded in tokens, so the source is streamed"
     if d.max_train_examples and d.max_val_examples:
         return False, (f"--max-train-examples {d.max_train_examples} and --max-val-examples {d.max_val_examples} "
                        f"cap the source, so the capped records are counted")
