@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_main, tiny_model_flags
-from tests.data.test_stream import tfds_dir  # noqa: F401 (the fixture: a TFDS dataset prepared on disk)
 from tools.make_corpus import write_parquet_corpus
 from ultimate_trainer.config import resolve_config
 from ultimate_trainer.data import inputs as inputs_lib
@@ -111,3 +110,15 @@ def test_a_tfds_dataset_feeds_a_streamed_input_that_resumes_exactly(tfds_dir, tm
     _, again = inputs_lib.load_streamed(cfg, "streamed", resume=json.loads(json.dumps(inputs.state(10, 1))))
     np.testing.assert_array_equal(np.concatenate(_batches(again.train_dataset(2, 1, start_window=10), 5)),
                                   np.concatenate(whole[5:]))
+
+
+def test_a_mixture_input_reports_its_realized_shares(corpus, tmp_path):
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps({"text": f"code {i} " + "x" * 200}) + "\n" for i in range(300)))
+    cfg = resolve_config({"data.data_mix": f"{corpus}:0.7,{code}:0.3", "model.seq_len": 16,
+                          "loader.shuffle_buffer_size": 8, "output.output_dir": str(tmp_path / "out")})
+    _, inputs = inputs_lib.load_streamed(cfg, "streamed")
+    _batches(inputs.train_dataset(4, 7), 30)
+    line = inputs.mix_report(120)
+    assert line.startswith("realized mixture over ") and f"{code} " in line and "(weight 30.0%)" in line
+    assert inputs.mix_report(0) is None

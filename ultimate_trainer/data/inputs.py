@@ -136,9 +136,10 @@ class StreamedInputs:
     kind = "streamed"
 
     def __init__(self, open_train, validation, tokenizer, source, estimate, seq_len, stride, shuffle_buffer_size,
-                 resume=None, why=None):
+                 resume=None, why=None, mix_names=()):
         self.open_train, self.validation, self.tokenizer = open_train, validation, tokenizer
         self.source, self.estimate, self.why = source, estimate, why
+        self.mix_names = mix_names
         self.seq_len, self.stride, self.rows = seq_len, stride, None
         self.window, self.step = pipeline.window_step(seq_len, stride)
         self.val_records = list(validation.records)
@@ -193,6 +194,23 @@ class StreamedInputs:
             "block": block,
             "block_start": None if block is None else self._starts[block],
         }
+
+    def mix_report(self, next_window):
+        """One line: a mixture's realized share of each source up to the block a resume at
+        `next_window` starts from (the counts ride in the stream's position), or None.
+
+        Example:
+            inputs.mix_report(4096)   # 'realized mixture up to window 3,000: web 70.2% (weight 70.0%); ...'
+        """
+        if not next_window:
+            return None
+        block = self._block_of(next_window)
+        stream = self._starts[block]["stream"]
+        if stream.get("kind") != "mixture" or not stream["draws"]:
+            return None
+        shares = "; ".join(f"{name} {count / stream['draws']:.1%} (weight {w:.1%})"
+                           for name, count, w in zip(self.mix_names, stream["counts"], stream["weights"]))
+        return f"realized mixture over {stream['draws']:,} records: {shares}"
 
     def describe(self):
         return {
@@ -261,7 +279,8 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
     )
     source = sources.describe(d) if not d.data_mix else f"--data-mix {d.data_mix}"
     inputs = StreamedInputs(open_train, val, tokenizer, source, mixed, cfg.model.seq_len, cfg.loader.stride,
-                            cfg.loader.shuffle_buffer_size, resume=resume, why=why)
+                            cfg.loader.shuffle_buffer_size, resume=resume, why=why,
+                            mix_names=[s for s, _ in pairs] if d.data_mix else ())
     return tokenizer, inputs
 
 
