@@ -122,3 +122,15 @@ def test_a_mixture_input_reports_its_realized_shares(corpus, tmp_path):
     line = inputs.mix_report(120)
     assert line.startswith("realized mixture over ") and f"{code} " in line and "(weight 30.0%)" in line
     assert inputs.mix_report(0) is None
+
+
+def test_a_source_without_size_metadata_needs_a_run_length(tmp_path):
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "train.txt").write_text("".join(f"line {i} of the text\n\n" for i in range(200)))
+    values = {"data.dataset_id": str(tmp_path / "lines"), "model.seq_len": 8, "data.val_fraction": 0.2,
+              "output.output_dir": str(tmp_path / "out")}
+    with pytest.raises(UserError, match="metadata gives no size"):
+        inputs_lib.load_streamed(resolve_config(values), "streamed")
+    _, inputs = inputs_lib.load_streamed(resolve_config({**values, "training.max_steps": 5}), "streamed")
+    assert "epoch size unknown" in inputs.describe()["source"] and inputs.block == 10000
+    assert len(_batches(inputs.train_dataset(2, 0), 3)) == 3

@@ -147,7 +147,8 @@ class StreamedInputs:
         self.val_windows = pipeline.windows_in(self.val_tokens, self.window, self.window)
         self.train_tokens = estimate.tokens
         self.windows_per_epoch = pipeline.windows_in(estimate.tokens, self.window, self.step)  # estimated
-        self.block = max(1, min(shuffle_buffer_size, self.windows_per_epoch))
+        # Blocks as StreamInputs cuts them: never longer than an epoch (an unknown one: the buffer size).
+        self.block = min(shuffle_buffer_size, self.windows_per_epoch or shuffle_buffer_size)
         self._starts = {}  # block -> where its packing starts; filled as the pipeline packs
         if resume is not None and resume.get("block_start") is not None:
             if resume.get("kind") != self.kind or resume.get("shuffle", {}).get("block_size") != self.block:
@@ -215,7 +216,9 @@ class StreamedInputs:
     def describe(self):
         return {
             "kind": self.kind,
-            "source": f"{self.source} ({self.why}; epoch {self.estimate.describe()})",
+            "source": f"{self.source} ({self.why}; epoch "
+                      + (f"size unknown: {UNKNOWN_SIZE})" if self.estimate.basis == UNKNOWN_SIZE
+                         else f"{self.estimate.describe()})"),
             "train_records": self.estimate.records,
             "val_records": len(self.val_records),
             "estimate": dataclasses.asdict(self.estimate),
@@ -267,7 +270,14 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
         val = validation.read_validation(streamed.open_val_stream(d), max_examples=d.max_val_examples,
                                          max_tokens=d.eval_tokens, count_tokens=tokenizer.count_tokens)
     pairs = streamed.mix_of(d)
-    estimates = [_estimate_source(source, d, tokenizer, estimate) for source, _ in pairs]
+    try:
+        estimates = [_estimate_source(source, d, tokenizer, estimate) for source, _ in pairs]
+    except UserError:
+        if not (t.max_steps or t.total_tokens):
+            raise
+        # No size in the metadata, and none needed: the run length is given.
+        estimates = [estimate.TokenEstimate(0, 0, False, 0.0, 0, UNKNOWN_SIZE)]
+        pairs = pairs[:1]
     total = sum(w for _, w in pairs)
     # A mixture's epoch: as many records as its sources hold, in the proportion drawn (the first to run out).
     scale = min(e.records / (w / total) for e, (_, w) in zip(estimates, pairs) if w > 0)
@@ -282,6 +292,9 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
                             cfg.loader.shuffle_buffer_size, resume=resume, why=why,
                             mix_names=[s for s, _ in pairs] if d.data_mix else ())
     return tokenizer, inputs
+
+
+UNKNOWN_SIZE = "no size in the source's metadata (the run length comes from --max-steps or --total-tokens)"
 
 
 def _estimate_source(source, data_cfg, tokenizer, estimate):
