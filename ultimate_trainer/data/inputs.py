@@ -271,22 +271,12 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
                                          max_tokens=d.eval_tokens, count_tokens=tokenizer.count_tokens)
     pairs = streamed.mix_of(d)
     try:
-        estimates = [_estimate_source(source, d, tokenizer, estimate) for source, _ in pairs]
+        mixed = _mixed_estimate(pairs, [_estimate_source(source, d, tokenizer, estimate) for source, _ in pairs])
     except UserError:
         if not (t.max_steps or t.total_tokens):
             raise
         # No size in the metadata, and none needed: the run length is given.
-        estimates = [estimate.TokenEstimate(0, 0, False, 0.0, 0, UNKNOWN_SIZE)]
-        pairs = pairs[:1]
-    total = sum(w for _, w in pairs)
-    # A mixture's epoch: as many records as its sources hold, in the proportion drawn (the first to run out).
-    scale = min(e.records / (w / total) for e, (_, w) in zip(estimates, pairs) if w > 0)
-    mixed = estimates[0] if len(estimates) == 1 else dataclasses.replace(
-        estimates[0],
-        tokens=int(sum(e.tokens / e.records * scale * w / total for e, (_, w) in zip(estimates, pairs))),
-        records=int(scale), records_exact=False,
-        basis="the mixture's weights over " + "; ".join(f"{s}: {e.basis}" for (s, _), e in zip(pairs, estimates)),
-    )
+        mixed = estimate.TokenEstimate(0, 0, False, 0.0, 0, UNKNOWN_SIZE)
     source = sources.describe(d) if not d.data_mix else f"--data-mix {d.data_mix}"
     inputs = StreamedInputs(open_train, val, tokenizer, source, mixed, cfg.model.seq_len, cfg.loader.stride,
                             cfg.loader.shuffle_buffer_size, resume=resume, why=why,
@@ -295,6 +285,21 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
 
 
 UNKNOWN_SIZE = "no size in the source's metadata (the run length comes from --max-steps or --total-tokens)"
+
+
+def _mixed_estimate(pairs, estimates):
+    """A mixture's epoch: as many records as its sources hold, in the proportion drawn (the first
+    to run out ends it); one source's estimate as it is."""
+    if len(estimates) == 1:
+        return estimates[0]
+    total = sum(w for _, w in pairs)
+    scale = min(e.records / (w / total) for e, (_, w) in zip(estimates, pairs) if w > 0)
+    return dataclasses.replace(
+        estimates[0],
+        tokens=int(sum(e.tokens / e.records * scale * w / total for e, (_, w) in zip(estimates, pairs))),
+        records=int(scale), records_exact=False,
+        basis="the mixture's weights over " + "; ".join(f"{s}: {e.basis}" for (s, _), e in zip(pairs, estimates)),
+    )
 
 
 def _estimate_source(source, data_cfg, tokenizer, estimate):
