@@ -209,3 +209,60 @@ def test_shard_rows_are_contiguous_and_resume_exactly(tmp_path):
             np.testing.assert_array_equal(x[row], flat[start : start + seq_len])
     resumed = next(iter(shard_row_dataset(store, seq_len, rows, start_window=2 * rows)))[0].numpy()
     np.testing.assert_array_equal(resumed, batches[2])
+
+
+# ---------------------------------------------------------------- a record stream, resumable by its position
+
+
+class _ListStream:
+    """A record stream over a list (position: the next index), logging where it was opened."""
+
+    opened = []
+
+    def __init__(self, records, position=None):
+        self.records, self.next = records, 0 if position is None else position["index"]
+        _ListStream.opened.append(self.next)
+
+    def __iter__(self):
+        while self.next < len(self.records):
+            self.next += 1
+            yield self.records[self.next - 1]
+
+    def position(self):
+        return {"index": self.next}
+
+
+STREAM_RECORDS = [f"record {i} " + "word " * (i % 13) for i in range(200)]
+
+
+def _stream_batches(block_size, start=None, on_block=None, n=None, seq_len=8, stride=None):
+    import itertools
+
+    from ultimate_trainer.data.pipeline import stream_train_dataset
+
+    ds = stream_train_dataset(lambda p: _ListStream(STREAM_RECORDS, p), TOK, seq_len, 4, stride, block_size, seed=5,
+                              start=start, on_block=on_block)
+    return [x.numpy() for x, _ in itertools.islice(ds, n)]
+
+
+@pytest.mark.parametrize("stride", [None, 3])
+def test_a_record_stream_packs_as_the_numpy_reference(stride):
+    window, step = window_step(8, stride)
+    want = reference_windows(STREAM_RECORDS, window, step)
+    got = np.concatenate(_stream_batches(1, stride=stride))  # blocks of one window: nothing shuffled
+    assert got.shape[0] == want.shape[0] // 4 * 4
+    np.testing.assert_array_equal(got, want[: got.shape[0], :-1])
+
+
+def test_a_record_stream_resumes_from_a_block_start_reading_nothing_before_it():
+    starts = {}
+    whole = np.concatenate(_stream_batches(16, on_block=lambda b, s: starts.__setitem__(b, s), n=25))
+    assert sorted(starts)[:7] == list(range(7))
+    for next_window in (16, 17, 40, 63, 64):  # after a block, inside one, at its end
+        block = (next_window - 1) // 16
+        _ListStream.opened.clear()
+        resumed = _stream_batches(16, start={"block": block, **starts[block], "skip": next_window - block * 16},
+                                  n=(100 - next_window) // 4)
+        assert _ListStream.opened == [starts[block]["stream"]["index"]]  # opened at the saved record, not before
+        got = np.concatenate(resumed)
+        np.testing.assert_array_equal(got, whole[next_window:next_window + len(got)])

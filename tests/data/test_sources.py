@@ -351,3 +351,11 @@ def test_dataset_directory_errors(dataset_dir):
     with pytest.raises(UserError, match=r"split 'nope': .*nope") as e:
         sources.load_records(_cfg(dataset_id=str(dataset_dir), split="nope"))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("values,flag", [({"data_mix": "a.jsonl:1"}, "--data-mix"),
+                                         ({"data_files": "a.jsonl", "eval_tokens": 100}, "--eval-tokens"),
+                                         ({"dataset_id": "tfds:c4"}, "--dataset-id tfds:c4")])
+def test_what_only_the_streamed_input_reads_is_not_counted(values, flag):
+    with pytest.raises(UserError, match=f"^{flag} is read by a training run's streamed input only"):
+        sources.open_records(_cfg(**values))

@@ -267,25 +267,6 @@ def test_a_hub_id_without_network_is_a_one_line_error(monkeypatch):
 # ---------------------------------------------------------------- TFDS
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    """A TFDS dataset `tiny_text/en` prepared on disk: 4 files of 15 training examples, 10 validation."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    class TinyText(tfds.dataset_builders.TfDataBuilder):
-        url_infos = None  # nothing to download (and no checksums file to look up)
-
-    tfds.disable_progress_bar()
-    directory = tmp_path_factory.mktemp("tfds")
-    splits = {"train": [f"example {i}" for i in range(60)], "validation": [f"held {i}" for i in range(10)]}
-    TinyText(name="tiny_text", config="en", version="1.0.0", data_dir=str(directory),
-             split_datasets={k: tf.data.Dataset.from_tensor_slices({"text": v}) for k, v in splits.items()},
-             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
-             ).download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
-    return directory
-
-
 def test_a_tfds_dataset_streams_resumes_and_splits_by_process(tfds_dir):
     stream = open_stream("tfds:tiny_text/en", data_dir=tfds_dir, split="train", epochs=2)
     records, positions = _take(stream)
@@ -383,6 +364,8 @@ def test_token_estimates_come_from_metadata_and_are_labelled(corpus, tmp_path, t
     true = sum(_byte_tokens(t) + 1 for p in paths for t in sources.read_file(p))
     est = estimate_files(paths, _byte_tokens, sample_records=10)
     assert not est.records_exact and abs(est.records - 21) <= 3 and 0.4 < est.tokens / true < 1.0  # JSON markup
+    whole = estimate_files(paths, _byte_tokens, sample_records=100)  # a sample that reads the source to its end
+    assert (whole.records, whole.tokens) == (21, true)
     est = estimate_tokens("tfds:tiny_text/en", _byte_tokens, data_dir=tfds_dir, sample_records=20)
     assert est.records == 60 and est.records_exact and "TFDS metadata" in est.basis
     assert 0.8 < est.tokens / sum(len(f"example {i}") + 1 for i in range(60)) < 1.2

@@ -198,3 +198,76 @@ def sas_token_problem(token):
         return None
     return (f"is not a SAS token: {why}; pass the query string Azure generates (sv=...&...&sig=...), without the "
             f"URL before it")
+
+
+TFDS_PREFIX = "tfds:"
+
+
+def parse_tfds_id(text):
+    """`"tfds:NAME[/CONFIG][:VERSION]"` -> (name, config or None, version or None); UserError when malformed.
+
+    Example:
+        >>> parse_tfds_id("tfds:c4/en:3.1.0")
+        ('c4', 'en', '3.1.0')
+    """
+    body = str(text)[len(TFDS_PREFIX):] if str(text).startswith(TFDS_PREFIX) else str(text)
+    match = re.fullmatch(r"([a-z][a-z0-9_]*)(?:/([A-Za-z0-9_.+-]+))?(?::(\d+\.\d+\.\d+))?", body)
+    if not match:
+        raise UserError(f"--dataset-id {text}: not a TFDS id; write tfds:NAME[/CONFIG][:VERSION], e.g. "
+                        f"tfds:c4/en:3.1.0 (lowercase name, version MAJOR.MINOR.PATCH)")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def parse_data_mix(text):
+    """`"SRC:W,SRC:W"` -> ((source, weight), ...): the weight after each source's last colon.
+
+    A source is any --dataset-id form or a file glob (`tfds:c4/en:3.1.0:0.7`
+    reads as source `tfds:c4/en:3.1.0`, weight 0.7). Weights are numbers
+    >= 0, not all 0; they need not sum to 1 (the mixture normalizes them).
+
+    Example:
+        >>> parse_data_mix("web/*.parquet:0.7, code.jsonl:0.3")
+        (('web/*.parquet', 0.7), ('code.jsonl', 0.3))
+    """
+    pairs = []
+    for item in str(text).split(","):
+        source, colon, weight = item.strip().rpartition(":")
+        if not colon or not source.strip():
+            raise UserError(f"--data-mix {text!r}: the item {item.strip()!r} has no SOURCE:WEIGHT; write "
+                            f"SRC:W,SRC:W, e.g. web/*.parquet:0.7,code.jsonl:0.3")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0:
+            raise UserError(f"--data-mix {text!r}: the weight {weight.strip()!r} of {source.strip()} is not a "
+                            f"number >= 0; give each source a weight such as 0.7")
+        pairs.append((source.strip(), value))
+    if not any(w > 0 for _, w in pairs):
+        raise UserError(f"--data-mix {text!r}: every weight is 0; give at least one source a weight above 0")
+    return tuple(pairs)
+
+
+def mix_text(items, where="data.mix"):
+    """A recipe's `data.mix` list of {source, weight} mappings as the --data-mix flag's text.
+
+    Example:
+        >>> mix_text([{"source": "web/*.parquet", "weight": 0.7}, {"source": "code.jsonl", "weight": 0.3}])
+        'web/*.parquet:0.7,code.jsonl:0.3'
+    """
+    if isinstance(items, str):
+        return items
+    if not isinstance(items, (list, tuple)) or not items:
+        raise UserError(f"{where}: expected a list of {{source: S, weight: W}} mappings, got {items!r}")
+    parts = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) != {"source", "weight"}:
+            raise UserError(f"{where}: each item must be a mapping with exactly `source` and `weight`, got {item!r}")
+        if isinstance(item["weight"], bool) or not isinstance(item["weight"], (int, float)):
+            raise UserError(f"{where}: the weight {item['weight']!r} of {item['source']} is not a number; give a "
+                            f"weight such as 0.7")
+        if not isinstance(item["source"], str) or "," in item["source"] or not item["source"].strip():
+            raise UserError(f"{where}: the source {item['source']!r} must be a non-empty path, glob or dataset id "
+                            f"without commas")
+        parts.append(f"{item['source']}:{item['weight']}")
+    return ",".join(parts)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ultimate_trainer import recipes
+from ultimate_trainer.config.parsers import mix_text
 from ultimate_trainer.config.schema import SECTIONS, field_index
 from ultimate_trainer.errors import UserError
 
@@ -48,6 +49,7 @@ RECIPE_KEYS = {
     "training.save_total_limit": "output.save_total_limit",
     "training.log_interval": "output.log_every",
     "data.dataset_name": "data.dataset_id",
+    "data.mix": "data.data_mix",  # a list of {source, weight}: `parsers.mix_text` makes it the flag's text
     "data.max_examples": "data.max_train_examples",
     "data.tokenize_on_fly": "loader.tokenize_on_fly",
     "data.use_streaming": "loader.use_streaming",
@@ -105,6 +107,8 @@ def load_recipe(path):
                 full = f"{key}.{sub}"
                 if full == "wandb.enabled":
                     wandb_enabled = subvalue
+                elif full == "data.mix":
+                    out[RECIPE_KEYS[full]] = mix_text(subvalue, f"--config {path}: `data.mix`")
                 elif full in RECIPE_KEYS:
                     out[RECIPE_KEYS[full]] = subvalue
                 elif sub in names:

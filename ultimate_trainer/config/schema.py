@@ -46,7 +46,7 @@ class DataConfig:
         DataConfig(data_files="corpus/*.jsonl", val_fraction=0.01)
     """
 
-    dataset_id: str = _opt(None, "Hugging Face dataset id (streamed; needs network), or the directory of a downloaded copy.", type=str)
+    dataset_id: str = _opt(None, "Hugging Face dataset id (streamed; needs network), the directory of a downloaded copy, or tfds:NAME[/CONFIG][:VERSION] (with --tfds-data-dir).", type=str)
     dataset_config: str = _opt(None, "Dataset configuration name (e.g. `en` for C4); with --dataset-id.", type=str)
     text_column: str = _opt("text", "Column (field, feature) that holds the text.")
     split: str = _opt("train", "Split to train on; with --dataset-id.")
@@ -56,6 +56,9 @@ class DataConfig:
     data_files: str = _opt(None, "Local file, directory (recursive) or glob: .txt, .jsonl, .json, .parquet, .csv, .tfrecord (docs/data.md).", type=str)
     val_fraction: float = _opt(0.05, "Share of records held out for validation when there is no --val-split.")
     data_dir: str = _opt(None, "Train on pre-tokenized shards made by `ultimate-trainer prepare-data` (read by memmap).", type=str)
+    data_mix: str = _opt(None, "Train on a weighted mixture of sources, SRC:W,SRC:W (each SRC a --dataset-id form or a file glob; recipe: `data.mix: [{source: S, weight: W}]`); drawn deterministically, resumable exactly (docs/data.md).", type=str, metavar="SRC:W,SRC:W")
+    tfds_data_dir: str = _opt(None, "Directory (or gs:// path) of prepared TFDS datasets, for --dataset-id tfds:NAME[/CONFIG][:VERSION].", type=str)
+    eval_tokens: int = _opt(None, "Bound the validation set by tokens: its first records until they hold this many tokens (read once and kept; with --max-val-examples, whichever comes first).", type=int)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,11 +11,14 @@ import dataclasses
 
 from ultimate_trainer.config.derived import batch_split
 from ultimate_trainer.config.parsers import (
+    TFDS_PREFIX,
     cluster_settings,
     moe_block_indices,
+    parse_data_mix,
     parse_device_batch_sizes,
     parse_lora_targets,
     parse_mesh,
+    parse_tfds_id,
     sas_token_problem,
     ttt_block_indices,
 )
@@ -68,6 +71,7 @@ def validate(cfg):
     _validate_distribution(cfg.distribution)
     _validate_loader(cfg, names)
     _validate_data(cfg.data, cfg.explicit, names)
+    _validate_streamed_only(cfg.data, cfg.model)
     _validate_tokenizer_of(cfg, names)
     if cfg.run.json and not (cfg.run.dry_run or cfg.run.eval_only):
         raise UserError("--json only applies to --dry-run and --eval-only; add one of them")
@@ -339,14 +343,42 @@ def _validate_shard_source(cfg):
         )
 
 
+def _validate_streamed_only(d, m):
+    """Sources and bounds only the streamed input reads (data/streamed.py)."""
+    if d.eval_tokens and not (d.dataset_id or d.data_files or d.data_mix):
+        raise UserError(f"--eval-tokens {d.eval_tokens} bounds the validation of --dataset-id, --data-files or "
+                        f"--data-mix; the default data holds out a fixed slice (bound it with --max-val-examples)")
+    tfds = bool(d.dataset_id and d.dataset_id.startswith(TFDS_PREFIX))
+    if m.state_passing and (d.data_mix or tfds or d.eval_tokens):
+        what = "--data-mix" if d.data_mix else "--eval-tokens" if d.eval_tokens else f"--dataset-id {d.dataset_id}"
+        raise UserError(f"--state-passing reads one contiguous stream per batch row from a counted source, which "
+                        f"{what} is not; train it without --state-passing, or on --data-files / --data-dir")
+
+
 def _validate_data(d, explicit, names):
     positive(d.max_train_examples, names["max_train_examples"], allow_none=True)
     positive(d.max_val_examples, names["max_val_examples"], allow_none=True)
     if not 0 < d.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {d.val_fraction}")
-    if d.dataset_id and d.data_files:
-        raise UserError("--dataset-id and --data-files both choose the data; pass only one")
-    if not d.dataset_id:
+    positive(d.eval_tokens, names["eval_tokens"], allow_none=True)
+    chosen = [names[n] for n in ("dataset_id", "data_files", "data_mix") if getattr(d, n)]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} {'both' if len(chosen) == 2 else 'all'} choose the data; pass only one")
+    if d.data_mix:
+        for source, _ in parse_data_mix(d.data_mix):
+            if source.startswith(TFDS_PREFIX):
+                parse_tfds_id(source)
+    if d.dataset_id and d.dataset_id.startswith(TFDS_PREFIX):
+        parse_tfds_id(d.dataset_id)
+        if d.dataset_config:
+            raise UserError(f"--dataset-config {d.dataset_config} does not apply to --dataset-id {d.dataset_id}; "
+                            f"write the config into the id: tfds:NAME/CONFIG")
+    tfds_used = any(s.startswith(TFDS_PREFIX) for s in [d.dataset_id or ""] + [
+        s for s, _ in (parse_data_mix(d.data_mix) if d.data_mix else ())])
+    if d.tfds_data_dir and not tfds_used:
+        raise UserError(f"--tfds-data-dir {d.tfds_data_dir} applies to TFDS sources only; pass --dataset-id "
+                        f"tfds:NAME (or a tfds: source in --data-mix), or drop --tfds-data-dir")
+    if not (d.dataset_id or d.data_mix):
         defaults = {f.name: f.default for f in dataclasses.fields(DataConfig)}
         for name in ("dataset_config", "split", "val_split"):
             if f"data.{name}" in explicit and getattr(d, name) != defaults[name]:

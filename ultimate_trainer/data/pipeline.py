@@ -167,6 +167,120 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+# ---------------------------------------------------------------- a record stream, resumable by its position
+
+
+def _positioned_chunks(stream):
+    """(texts, positions) chunks of a record stream: each record with the JSON of the
+    stream's position just before it (where a reopened stream yields that record first)."""
+    import json
+
+    texts, positions, records = [], [], iter(stream)
+    while True:
+        position = json.dumps(stream.position())
+        text = next(records, None)
+        if text is None:
+            break
+        texts.append(text)
+        positions.append(position)
+        if len(texts) == _CHUNK:
+            yield texts, positions
+            texts, positions = [], []
+    if texts:
+        yield texts, positions
+
+
+def pack_positioned(token_ds, window, step):
+    """`pack`, with each window's start: the position of the record its first token
+    comes from, and that token's offset inside the record's tokens.
+
+    `token_ds` yields (tokens, position, first offset) per record; the carry
+    keeps, next to the unfinished tail, the position of every record still in
+    it, so the start of any window is known without looking back.
+    """
+    string, int32 = tf.string, tf.int32
+
+    def scan_fn(carry, item):
+        buf, doc, off, positions = carry
+        tokens, position, base = item
+        n, m = tf.shape(tokens)[0], tf.shape(positions)[0]
+        buf = tf.concat([buf, tokens], 0)
+        doc = tf.concat([doc, tf.fill([n], m)], 0)
+        off = tf.concat([off, base + tf.range(n)], 0)
+        positions = tf.concat([positions, [position]], 0)
+        frames = tf.signal.frame(buf, window, step, axis=0)
+        starts = tf.range(tf.shape(frames)[0]) * step
+        out = (frames, tf.gather(positions, tf.gather(doc, starts)), tf.gather(off, starts))
+        consumed = tf.shape(frames)[0] * step
+        doc = doc[consumed:]
+        first = tf.cond(tf.size(doc) > 0, lambda: doc[0], lambda: m + 1)  # the earliest record left in the tail
+        return (buf[consumed:], doc - first, off[consumed:], positions[first:]), out
+
+    empty = (tf.zeros([0], int32), tf.zeros([0], int32), tf.zeros([0], int32), tf.zeros([0], string))
+    return token_ds.scan(empty, scan_fn).unbatch()
+
+
+def stream_train_dataset(open_stream, tokenizer, seq_len, batch_size, stride=None, block_size=10000, seed=0,
+                         start=None, on_block=None):
+    """Endless shuffled batches `(inputs, targets)` from a record stream, resumable from a saved
+    input position without reading what was consumed.
+
+    `open_stream(position)` opens the record stream (a `streaming` stream or
+    mixture) at a saved stream position, or at its start for None. Windows
+    are packed as `train_dataset` packs them, and blocks of `block_size`
+    windows are permuted with seed (seed, block). `on_block(block, start)`
+    is called as each block's first window is packed, with that window's
+    start {"stream": position, "offset": tokens}; `start={"block": b, **that,
+    "skip": k}` resumes: it reopens the stream there, re-packs block b only,
+    and skips its first k shuffled windows. So a resume reads nothing before
+    the block and its cost does not grow with what was consumed.
+
+    Example:
+        starts = {}
+        ds = stream_train_dataset(lambda p: FileStream(files, position=p), tok, 256, 8, block_size=64,
+                                  on_block=lambda b, s: starts.__setitem__(b, s))
+        again = stream_train_dataset(..., start={"block": 3, **starts[3], "skip": 10})  # window 3 * 64 + 10 on
+    """
+    import json
+
+    window, step = window_step(seq_len, stride)
+    start = start or {"block": 0, "stream": None, "offset": 0, "skip": 0}
+    first_block, offset = int(start["block"]), int(start["offset"])
+    saved = start["stream"]
+    chunks = tf.data.Dataset.from_generator(
+        lambda: _positioned_chunks(open_stream(None if saved is None else json.loads(json.dumps(saved)))),
+        output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string)),
+    )
+    eos = tf.constant([tokenizer.eos_id], tf.int32)
+
+    def tokenize(index, item):
+        text, position = item
+        base = tf.where(index == 0, offset, 0)  # the saved window starts `offset` tokens into its record
+        tokens = tf.concat([tokenizer.tf_encode(text), eos], axis=0)[base:]
+        return tokens, position, base
+
+    records = chunks.unbatch().enumerate().map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    windows = pack_positioned(records, window, step).enumerate(start=first_block * block_size)
+
+    def note(index, item):
+        frame, position, token_offset = item
+        if on_block is not None:
+            def record(i, p, o):
+                on_block(int(i) // block_size, {"stream": json.loads(p.numpy().decode()), "offset": int(o)})
+                return i
+
+            index = tf.cond(index % block_size == 0,
+                            lambda: tf.py_function(record, [index, position, token_offset], tf.int64),
+                            lambda: index)
+            with tf.control_dependencies([index]):  # the note runs as the window passes
+                frame = tf.identity(frame)
+        return frame
+
+    ds = _block_shuffle(windows.map(note), block_size, seed, first_block).skip(int(start["skip"]))
+    ds = ds.batch(batch_size, drop_remainder=True).map(_split)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def eval_dataset(records, tokenizer, seq_len, batch_size):
     """One ordered pass over `records` in windows that tile the targets; the last batch may be short."""
     window, step = window_step(seq_len, None)

@@ -428,8 +428,8 @@ def hub_unavailable(data_cfg):
         hub_unavailable(cfg.data)  # 'HF_HUB_OFFLINE is set'
     """
     d = data_cfg
-    if not d.dataset_id or Path(d.dataset_id).expanduser().exists():
-        return None
+    if not d.dataset_id or d.dataset_id.startswith("tfds:") or Path(d.dataset_id).expanduser().exists():
+        return None  # a TFDS dataset is read from --tfds-data-dir, prepared beforehand
     return _hub_down()
 
 
@@ -589,6 +589,11 @@ def open_records(data_cfg):
     ends up empty.
     """
     d = data_cfg
+    streamed_only = [f for f, on in (("--data-mix", d.data_mix), ("--eval-tokens", d.eval_tokens),
+                                     (f"--dataset-id {d.dataset_id}", (d.dataset_id or "").startswith("tfds:"))) if on]
+    if streamed_only:  # `prepare-data`, and any other reader that counts one source whole
+        raise UserError(f"{streamed_only[0]} is read by a training run's streamed input only, not counted here "
+                        f"(prepare-data); pass one source with --data-files or --dataset-id")
     stats = ReadStats()
     description = describe(d)
     n_train, n_val, last = _scan(d, stats)

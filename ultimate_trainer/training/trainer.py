@@ -26,7 +26,8 @@ from ultimate_trainer.checkpoint.resume import check_resumable, find_checkpoint,
 from ultimate_trainer.checkpoint.run_dir import prepare_output_dir
 from ultimate_trainer.checkpoint.store import check_architecture, init_from, rng_state, save_checkpoint, set_rng_state
 from ultimate_trainer.data import shards, sources, tokenizers
-from ultimate_trainer.data.inputs import ShardInputs, StreamInputs, unread_inputs
+from ultimate_trainer.data.inputs import ShardInputs, StreamInputs, load_streamed, unread_inputs
+from ultimate_trainer.data.streamed import streamed
 from ultimate_trainer.errors import UserError
 from ultimate_trainer.models import lora, moe
 from ultimate_trainer.models.causal_lm import build_causal_lm
@@ -84,7 +85,7 @@ def train(cfg):
     _say_batch(cfg, dist, derived.batch.line)
     with dist.chief_first():  # a tokenizer trained here is trained once, by process 0, and read by the others
         tokenizer, inputs = load_inputs(cfg, dist.micro_batch(cfg.training),
-                                        plan_only=cfg.run.dry_run and resume is None)
+                                        plan_only=cfg.run.dry_run and resume is None, resume=resume)
     cfg = _sized_for_vocab(cfg, tokenizer)
     plan = build_plan(cfg, tokenizer, inputs, dist, allocator_tuned, resume, described)
     if cfg.run.dry_run:
@@ -212,7 +213,7 @@ def _backend_line(devices):
     return line + (f"\nbackend chosen by {devices.chosen_by}" if devices.chosen_by else "")
 
 
-def load_inputs(cfg, micro_batch=None, plan_only=False):
+def load_inputs(cfg, micro_batch=None, plan_only=False, resume=None):
     """The run's tokenizer and its input (shards from --data-dir, else streamed text);
     `micro_batch`: sequences per micro-batch over all devices (default --batch-size).
     `plan_only` (a dry run): data that cannot be read here (shards not prepared
@@ -223,6 +224,10 @@ def load_inputs(cfg, micro_batch=None, plan_only=False):
     unread = unread_inputs(cfg, rows) if plan_only else None
     if unread:
         return unread
+    streams, why = streamed(cfg.data)  # a large or remote source: no pass before training (data/streamed.py)
+    if streams and not rows:
+        saved = read_state(resume)["data"] if resume is not None else None
+        return load_streamed(cfg, why, None if cfg.run.json else say, saved)
     if cfg.data.data_dir:
         meta = shards.read_meta(cfg.data.data_dir)
         if cfg.tokenizer.tokenizer_path:

@@ -115,7 +115,8 @@ def _estimate_lines(paths, text_column, count_tokens, n):
     position = stream.position()
     # File bytes the sample spans: whole shards before the current one, and the offset inside it.
     done = sum(_gzip_size(p) if files_lib._gz(p) else p.stat().st_size for p in paths[:position["slot"]])
-    spanned = done + ((position["seek"] or {}).get("byte", 0))
+    # A sample that read the source to its end spans it all (the position has moved on to the next epoch).
+    spanned = total if records < n else done + ((position["seek"] or {}).get("byte", 0))
     per_byte = tokens / max(spanned, 1)
     return TokenEstimate(int(total * per_byte), int(total * records / max(spanned, 1)), False,
                          tokens / max(size, 1), records, f"the sizes of {len(paths)} files ({total:,} bytes)")
