@@ -280,7 +280,7 @@ def check_resumable(cfg, checkpoint, state, inputs, plan, tokenizer):
 
 def _continued(old, step, new, checkpoint):
     """`new` (a schedule config), continued from the LR `old` has at `step`, and a line saying how."""
-    from ultimate_trainer.training.schedules import continued  # imports keras: config reads this module first
+    from ultimate_trainer.training.schedules import continued  # heavy: imports keras, and config reads this module first
 
     if new["total_steps"] <= step:
         raise UserError(

@@ -9,7 +9,8 @@ import dataclasses
 from pathlib import Path
 
 from ultimate_trainer import config as config_lib
-from ultimate_trainer.data import pipeline, shards, sources, tokenizers
+from ultimate_trainer.data import pipeline, shards, sources, streamed, tokenizers
+from ultimate_trainer.data.streaming import estimate, validation
 from ultimate_trainer.errors import UserError
 
 
@@ -238,9 +239,6 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
     Example:
         tokenizer, inputs = load_streamed(cfg, "--dataset-id ./c4: streamed", log=print)
     """
-    from ultimate_trainer.data import streamed
-    from ultimate_trainer.data.streaming import estimate, validation
-
     d, t = cfg.data, cfg.training
     if d.max_train_examples:
         raise UserError(
@@ -303,8 +301,6 @@ def _mixed_estimate(pairs, estimates):
 
 
 def _estimate_source(source, data_cfg, tokenizer, estimate):
-    from ultimate_trainer.data import streamed
-
     d = data_cfg
     if streamed.names_files(source, d):
         return estimate.estimate_files(sources.resolve_data_files(source), tokenizer.count_tokens, d.text_column)

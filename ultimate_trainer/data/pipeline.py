@@ -14,6 +14,7 @@ record level and re-packs only the current block's epoch up to n.
 """
 
 import itertools
+import json
 
 import tensorflow as tf
 
@@ -173,8 +174,6 @@ def train_dataset(
 def _positioned_chunks(stream):
     """(texts, positions) chunks of a record stream: each record with the JSON of the
     stream's position just before it (where a reopened stream yields that record first)."""
-    import json
-
     texts, positions, records = [], [], iter(stream)
     while True:
         position = json.dumps(stream.position())
@@ -241,7 +240,6 @@ def stream_train_dataset(open_stream, tokenizer, seq_len, batch_size, stride=Non
                                   on_block=lambda b, s: starts.__setitem__(b, s))
         again = stream_train_dataset(..., start={"block": 3, **starts[3], "skip": 10})  # window 3 * 64 + 10 on
     """
-    import json
 
     window, step = window_step(seq_len, stride)
     start = start or {"block": 0, "stream": None, "offset": 0, "skip": 0}

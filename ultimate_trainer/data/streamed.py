@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ultimate_trainer.config.parsers import TFDS_PREFIX, parse_data_mix
 from ultimate_trainer.data import sources
-from ultimate_trainer.data.streaming import open_stream
+from ultimate_trainer.data.streaming import dataset_files, open_stream
 from ultimate_trainer.data.streaming.files import FileStream
 from ultimate_trainer.data.streaming.mixture import Mixture
 from ultimate_trainer.errors import UserError
@@ -69,8 +69,6 @@ def names_files(source, data_cfg):
 
 def _dataset_layout(path):
     """Whether a directory is laid out as a dataset `datasets` splits (train-*.parquet, data/, ...)."""
-    from ultimate_trainer.data.streaming import dataset_files
-
     try:
         dataset_files(path, "train")
     except UserError:

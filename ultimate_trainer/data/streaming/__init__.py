@@ -14,6 +14,9 @@
 from pathlib import Path
 
 from ultimate_trainer.errors import UserError
+from ultimate_trainer.data.streaming.files import FileStream
+from ultimate_trainer.data.streaming.hub import HubStream
+from ultimate_trainer.data.streaming.tfds_stream import TfdsStream
 
 # Formats `FileStream` reads record for record as `datasets` does, so a local
 # dataset directory of them can be read by it (and seek by row group or byte).
@@ -29,6 +32,7 @@ def dataset_files(directory, split="train"):
     Example:
         dataset_files("my_dataset", "validation")   # [PosixPath('my_dataset/validation.jsonl')]
     """
+    # heavy: `datasets` takes seconds to import; only a local dataset directory needs its layout rules
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
@@ -60,10 +64,6 @@ def open_stream(source, split="train", config=None, data_dir=None, **options):
         resumed = open_stream("./c4_copy", split="train", seed=0, process_index=1, process_count=4,
                               position=saved)
     """
-    from ultimate_trainer.data.streaming.files import FileStream
-    from ultimate_trainer.data.streaming.hub import HubStream
-    from ultimate_trainer.data.streaming.tfds_stream import TfdsStream
-
     if isinstance(source, (list, tuple)):
         return FileStream(source, **options)
     source = str(source)

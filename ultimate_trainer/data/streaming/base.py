@@ -13,6 +13,7 @@ Example:
 """
 
 from ultimate_trainer.errors import UserError
+from ultimate_trainer.data import sources
 
 POSITION_VERSION = 1
 
@@ -30,8 +31,6 @@ class RecordStream:
 
     def __init__(self, text_column="text", seed=0, process_index=0, process_count=1, epochs=None, keep=None,
                  stats=None):
-        from ultimate_trainer.data import sources
-
         check_processes(process_index, process_count)
         self.text_column, self.seed = text_column, int(seed)
         self.process_index, self.process_count = process_index, process_count

@@ -28,6 +28,9 @@ from pathlib import Path
 from ultimate_trainer.data import sources
 from ultimate_trainer.data.streaming import files as files_lib
 from ultimate_trainer.errors import UserError
+from ultimate_trainer.data.streaming import open_stream
+from ultimate_trainer.data.streaming.files import FileStream
+from ultimate_trainer.data.streaming.hub import HubStream
 
 SAMPLE_RECORDS = 1000
 
@@ -161,10 +164,6 @@ def estimate_tokens(source, count_tokens, split="train", config=None, data_dir=N
     Example:
         estimate_tokens("tfds:c4/en", tok.count_tokens, data_dir="gs://bucket/tfds").records   # exact
     """
-    from ultimate_trainer.data.streaming import open_stream
-    from ultimate_trainer.data.streaming.files import FileStream
-    from ultimate_trainer.data.streaming.hub import HubStream
-
     stream = open_stream(source, split=split, config=config, data_dir=data_dir, text_column=text_column,
                          shuffle=False, epochs=1)
     if isinstance(stream, FileStream):

@@ -37,7 +37,9 @@ Example:
     resumed = FileStream(files, seed=0, position=saved)
 """
 
+import gzip
 import itertools
+import json
 from pathlib import Path
 
 from ultimate_trainer.data import sources
@@ -58,8 +60,6 @@ def _open_binary(path):
     A gzip file seeks forward by decompressing up to the offset: it costs
     the shard's earlier bytes, but parses none of them.
     """
-    import gzip
-
     return gzip.open(path, "rb") if _gz(path) else open(path, "rb")
 
 
@@ -100,8 +100,6 @@ def _read_parquet(path, column, record, seek, stats):
 
 
 def _read_jsonl(path, column, record, seek, stats):
-    import json
-
     offset = (seek or {}).get("byte", 0)
     with _open_binary(path) as f:
         f.seek(offset)

@@ -38,7 +38,7 @@ def load_streaming(dataset_id, config=None, split="train"):
     if not local.exists():
         sources._require_hub(dataset_id)
     try:
-        import datasets
+        import datasets  # heavy: seconds to import, and only hub ids and other-format directories need it
     except ImportError:
         raise UserError(f"--dataset-id needs the datasets library; pip install '{sources.DATASETS_PIN}'") from None
     datasets.utils.logging.disable_progress_bar()
@@ -67,7 +67,7 @@ class HubStream(RecordStream):
         self.dataset_id, self.config, self.split = str(dataset_id), config, split
         self._dataset = load_streaming(self.dataset_id, config, split)
         if process_count > 1:
-            from datasets.distributed import split_dataset_by_node
+            from datasets.distributed import split_dataset_by_node  # heavy: as `datasets` above
 
             self._dataset = split_dataset_by_node(self._dataset, rank=process_index, world_size=process_count)
         self._start = self._dataset.state_dict()

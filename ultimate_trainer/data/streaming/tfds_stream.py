@@ -28,7 +28,7 @@ def load_builder(name, data_dir=None):
     Example:
         load_builder("c4/en:3.1.0", "/data/tfds").info.splits["train"].num_examples
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy: seconds to import; only tfds: ids need it
 
     where = f"--dataset-id tfds:{name}" + (f" --tfds-data-dir {data_dir}" if data_dir else "")
     try:
