@@ -211,8 +211,8 @@ def _moe_cfg(**kw):
 def test_parameter_formula_matches_the_built_model(moe_every, use_swiglu, tie):
     m = _moe_cfg(moe_every=moe_every, use_swiglu=use_swiglu, tie_embeddings=tie)
     model = build_causal_lm(m, 50)
-    counts = sizing.count_params(50, 32, 3, 2, 24, 16, use_swiglu=use_swiglu, tie_embeddings=tie, num_experts=4,
-                                 experts_top_k=2, moe_every=moe_every)
+    counts = sizing.count_params(sizing.Architecture(50, 32, 3, 2, 24, 16, use_swiglu=use_swiglu, tie_embeddings=tie, num_experts=4,
+                                 experts_top_k=2, moe_every=moe_every))
     assert model.count_params() == counts.total
     assert sum(math.prod(v.shape) for v in model.trainable_weights) == counts.trainable == counts.total
     moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEFeedForward)]

@@ -24,8 +24,8 @@ def _cfg(**kw):
 def test_parameter_formula_matches_the_built_model(kind, gate, share_qk, layers):
     m = _cfg(ttt_layer_type=kind, ttt_use_gate=gate, ttt_share_qk=share_qk, ttt_layers=layers)
     model = build_causal_lm(m, 100)
-    counts = sizing.count_params(100, 32, 3, 4, 64, 24, ttt_layer_type=kind, ttt_layers=layers,
-                                 ttt_mini_batch_size=8, ttt_use_gate=gate, ttt_share_qk=share_qk)
+    counts = sizing.count_params(sizing.Architecture(100, 32, 3, 4, 64, 24, ttt_layer_type=kind, ttt_layers=layers,
+                                 ttt_mini_batch_size=8, ttt_use_gate=gate, ttt_share_qk=share_qk))
     assert model.count_params() == counts.total
     blocks = [i for i, b in enumerate(model.blocks) if b.ttt is not None]
     assert blocks == ([0, 1, 2] if layers is None else [int(i) for i in layers.split(",")])
@@ -181,8 +181,8 @@ def test_the_mamba_backbone_sets_its_parts_and_the_formula_counts_them():
     assert m.ttt_share_qk and m.ttt_use_gate
     model = build_causal_lm(m, 100)
     assert all(b.pre_conv is not None for b in model.blocks)
-    counts = sizing.count_params(100, 32, 3, 4, 64, 24, ttt_layer_type="mlp", ttt_mini_batch_size=8,
-                                 ttt_use_gate=True, ttt_share_qk=True, ttt_pre_conv=True)
+    counts = sizing.count_params(sizing.Architecture(100, 32, 3, 4, 64, 24, ttt_layer_type="mlp", ttt_mini_batch_size=8,
+                                 ttt_use_gate=True, ttt_share_qk=True, ttt_pre_conv=True))
     assert model.count_params() == counts.total
     # the pre-conv of one block: RMSNorm scale, a depthwise kernel of 4 and a bias per channel
     assert model.blocks[0].pre_conv.count_params() == 32 * (1 + 4 + 1)
