@@ -29,7 +29,7 @@ import math
 import keras
 from keras import ops
 
-from ultimate_trainer import backend as backend_lib
+from ultimate_trainer.backend import scan
 
 KINDS = ("linear", "mlp")
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -366,7 +366,7 @@ class TTTLayer(keras.layers.Layer):
             carry, z = dual(carry, q, k_, v, eta, gamma, beta)
             return carry, q + layer_norm(z, gamma, beta)
 
-        params, z = backend_lib.scan(step, params, (q_blocks, k_blocks, blocks(xv), lr_blocks),
+        params, z = scan(step, params, (q_blocks, k_blocks, blocks(xv), lr_blocks),
                                      ops.zeros_like(q_blocks[0]))
         z = ops.transpose(z, (1, 2, 0, 3, 4))
         return params, ops.reshape(z, (ops.shape(z)[0], self.num_heads, n, self.head_dim))
