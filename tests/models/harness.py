@@ -72,7 +72,7 @@ def _check_symbolic_and_eager(cls, init_kwargs, input_data):
 
 class _Wrapper(keras.Model):
     def __init__(self, layer):
-        super().__init__()
+        super().__init__(name="wrapper")  # tensorflow refuses the default "__wrapper" as a scope name
         self.layer = layer
 
     def call(self, x):
