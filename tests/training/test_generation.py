@@ -31,8 +31,8 @@ def test_kv_cache_decoding_equals_full_recomputation(kwargs):
 
 @pytest.mark.backends
 @pytest.mark.parametrize("ttt", [
-    {"kind": "linear", "mini_batch_size": 4}, {"kind": "mlp", "mini_batch_size": 4},
-    # the Mamba-style backbone: the pre-conv and the share-QK convs decode from their history
+    # the Mamba-style backbone: the pre-conv and the share-QK convs decode from their history (each
+    # TTT kind decodes token by token in tests/models/test_harness.py)
     {"kind": "linear", "mini_batch_size": 4, "pre_conv": True, "share_qk": True, "use_gate": True},
 ])
 def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):

@@ -249,22 +249,15 @@ class CausalLM(CausalLMBackbone):
 
 
 def model_kwargs(model_cfg, vocab_size):
-    """Maps a `ModelConfig` to `CausalLM` constructor arguments."""
+    """Maps a `ModelConfig` to `CausalLM` constructor arguments: the shape from its
+    `sizing.Architecture`, plus what changes no weight (activation, dropout, kernels)."""
+    arch = sizing.Architecture.from_model_config(model_cfg, vocab_size)
+    shape = ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads", "d_ff", "num_kv_heads", "use_rope",
+             "use_rmsnorm", "use_swiglu", "tie_embeddings", "use_bias")
     return dict(
-        vocab_size=vocab_size,
-        seq_len=model_cfg.seq_len,
-        d_model=model_cfg.d_model,
-        num_layers=model_cfg.num_layers,
-        num_heads=model_cfg.num_heads,
-        d_ff=model_cfg.d_ff,
-        num_kv_heads=model_cfg.num_kv_heads,
-        use_rope=model_cfg.use_rope,
-        use_rmsnorm=model_cfg.use_rmsnorm,
-        use_swiglu=model_cfg.use_swiglu,
+        {name: getattr(arch, name) for name in shape},
         activation=model_cfg.activation,
         dropout_rate=model_cfg.dropout_rate,
-        tie_embeddings=model_cfg.tie_embeddings,
-        use_bias=model_cfg.use_bias,
         # True means "auto": let the backend use a fused kernel if it has one.
         flash_attention=None if model_cfg.flash_attention else False,
         **ttt_kwargs(model_cfg),
@@ -285,11 +278,12 @@ def moe_kwargs(model_cfg):
 def ttt_kwargs(model_cfg):
     """`CausalLM`'s `ttt` and `ttt_layers` arguments for a `ModelConfig` ({} without TTT)."""
     m = model_cfg
-    if not m.ttt_layer_type:
+    kind = ttt_kind(m)
+    if not kind:
         return {}
-    ttt = dict(kind=ttt_kind(m), mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
+    ttt = dict(kind=kind, mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
                use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk, pre_conv=m.ttt_backbone == "mamba")
-    layers = None if m.ttt_layers is None else list(sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers))
+    layers = None if m.ttt_layers is None else list(sizing.ttt_block_indices(m.num_layers, kind, m.ttt_layers))
     return {"ttt": ttt, "ttt_layers": layers}
 
 
