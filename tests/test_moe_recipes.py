@@ -165,8 +165,8 @@ def test_moe_recipes(name, d_model, layers, total):
     assert (m.d_model, m.num_layers, m.num_experts, m.experts_top_k) == (d_model, layers, 8, 2)
     assert cfg.data.dataset_id == "HuggingFaceFW/fineweb" and cfg.data.dataset_config == "sample-10BT"
     assert t.optimizer == "muon" and cfg.optimization.use_mixed_precision
-    counts = sizing.count_params(cfg.tokenizer.vocab_size, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
-                                 num_experts=8, experts_top_k=2)
+    counts = sizing.count_params(sizing.Architecture(cfg.tokenizer.vocab_size, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
+                                 num_experts=8, experts_top_k=2))
     assert counts.total == total and f"{total:,}" in path.read_text() and f"{counts.active:,}" in path.read_text()
     assert t.total_tokens // (t.batch_size * t.gradient_accumulation_steps * m.seq_len) == 9536
     assert (REPO / "configs" / "production_training.yaml").resolve() == path.parent / "moe-500m.yaml"

@@ -108,7 +108,7 @@ def test_the_136b_recipe_plans_before_its_shards_exist_and_reads_them_after(tmp_
     assert plan["data"]["kind"] == "unread" and plan["data"]["source"] == "shards in data/slimpajama_6b_llama"
     assert "`ultimate-trainer prepare-data --data-dir data/slimpajama_6b_llama`" in plan["data"]["not_read"]
     assert plan["data"]["tokenizer"]["vocab_size"] == 32000 and plan["data"]["train_tokens_per_epoch"] is None
-    assert plan["parameters"]["total"] == sizing.count_params(32000, 2304, 18, 18, 6144, 2048).total
+    assert plan["parameters"]["total"] == sizing.count_params(sizing.Architecture(32000, 2304, 18, 18, 6144, 2048)).total
     assert plan["schedule"]["total_tokens"] == 26_214_400_000 and plan["schedule"]["steps_per_epoch"] is None
     # Training (not a dry run) needs the shards: one line that says how to make them.
     assert main(["--recipe", "llama-1.36b", "--max-steps", "1"]) == 2

@@ -91,7 +91,7 @@ def _jax_optax_worker(args):
         ],
     }
     total = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    counts = sizing.count_params(sizing.Architecture(vocab, d, layers, heads, d_ff, seq))
     if total != counts.total:
         raise SystemExit(f"jax_optax has {total} params, expected {counts.total}")
     inv = 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd))
@@ -215,7 +215,7 @@ def _torch_worker(args):
 
     model = Model()
     total = sum(p.numel() for p in model.parameters())
-    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    counts = sizing.count_params(sizing.Architecture(vocab, d, layers, heads, d_ff, seq))
     if total != counts.total:
         raise SystemExit(f"{args.impl} has {total} params, expected {counts.total}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.004)
@@ -311,7 +311,7 @@ def _cli_worker(args):
             os.makedirs(tokenizer_dir)
             for name in ("ut_tokenizer.json", "tokenizer.model"):
                 shutil.copy(os.path.join(out, name), tokenizer_dir)
-    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq)
+    counts = sizing.count_params(sizing.Architecture(vocab, d, layers, heads, d_ff, seq))
     flops = sizing.flops_per_token(counts.non_embedding, vocab, d, layers, seq)
     # The logged MFU implies the run's FLOPs/token: it must be this shape's (a tokenizer short
     # of the vocabulary would make a smaller model).
@@ -390,7 +390,8 @@ def _worker(args):
     if args.steps_per_execution > 1:
         compile_kwargs["steps_per_execution"] = args.steps_per_execution
     model.compile(optimizer=optimizer, loss=loss, **compile_kwargs)
-    counts = sizing.count_params(vocab, d, layers, heads, d_ff, seq, num_experts=experts, experts_top_k=top_k)
+    counts = sizing.count_params(sizing.Architecture(vocab, d, layers, heads, d_ff, seq, num_experts=experts,
+                                                    experts_top_k=top_k))
     if model.count_params() != counts.total:
         raise SystemExit(f"{args.impl} has {model.count_params()} params, expected {counts.total}")
     flops = sizing.flops_per_token(counts.active_non_embedding, vocab, d, layers, seq)

@@ -422,8 +422,8 @@ def compile_model_fn(model, fn):
     integers as arrays, not Python ints, or tensorflow retraces.
 
     Example:
-        step = compile_model_fn(model, model.call_with_cache)
-        logits, cache = step(ids, cache, np.int32(0))
+        step = compile_model_fn(model, model.call_with_state)
+        logits, state = step(ids, state, np.int32(position))
     """
     # heavy: keras picks its backend on import, so it loads after select_backend
     import keras

@@ -32,6 +32,7 @@ import re
 from ultimate_trainer.config.derived import trains_in_bfloat16
 from ultimate_trainer.config.parsers import BATCH, MODEL, cluster_settings, parse_mesh
 from ultimate_trainer.errors import UserError
+from ultimate_trainer.models.layout import get_layout_map
 
 MODES = ("auto", "none", "data", "fsdp", "model")
 
@@ -277,19 +278,17 @@ def setup(cfg, dry_run=False):
         keras.distribution.set_distribution(None)
         return Distribution("none", backend, {BATCH: 1, MODEL: 1}, reason)
     mesh = resolve_mesh(mode, d.mesh, count)
-    from ultimate_trainer.models.causal_lm import CausalLM
-
     dist = Distribution(mode, backend, mesh, reason, processes, process_id, joined=bool(cluster) and not dry_run)
     if dry_run:
         # The plan only: names stand in for the devices of processes not joined.
         plan_mesh = keras.distribution.DeviceMesh((mesh[BATCH], mesh[MODEL]), (BATCH, MODEL),
                                                   [f"device:{i}" for i in range(count)])
-        dist.layout_map = CausalLM.get_layout_map(plan_mesh, fsdp=mode == "fsdp")
+        dist.layout_map = get_layout_map(plan_mesh, fsdp=mode == "fsdp")
         return dist
     # Data parallelism wants a 1-D mesh (DataParallel warns on more axes).
     shape, names = ((mesh[BATCH],), (BATCH,)) if mode == "data" else ((mesh[BATCH], mesh[MODEL]), (BATCH, MODEL))
     device_mesh = keras.distribution.DeviceMesh(shape, names, keras.distribution.list_devices())
-    dist.layout_map = CausalLM.get_layout_map(device_mesh, fsdp=mode == "fsdp")
+    dist.layout_map = get_layout_map(device_mesh, fsdp=mode == "fsdp")
     if processes > 1:
         dist.local_rows = _local_rows(device_mesh, mesh[BATCH])
     dist.strategy = keras_distribution(mode, device_mesh, dist.layout_map, mesh)
@@ -319,7 +318,7 @@ def keras_distribution(mode, device_mesh, layout_map, mesh):
 
     Example:
         mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"))
-        strategy = keras_distribution("model", mesh, CausalLM.get_layout_map(mesh), {"batch": 2, "model": 2})
+        strategy = keras_distribution("model", mesh, get_layout_map(mesh), {"batch": 2, "model": 2})
         keras.distribution.set_distribution(strategy)
     """
     import keras

@@ -22,7 +22,7 @@ def test_target_params_sets_the_architecture():
     m = cfg.model
     from ultimate_trainer.models import sizing
 
-    total = sizing.count_params(258, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len).total
+    total = sizing.count_params(sizing.Architecture(258, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len)).total
     assert abs(total / 10_000_000 - 1) <= 0.02
     deeper = resolve_config({"model.target_params": 10_000_000, "model.prefer_depth": True}).model
     assert deeper.num_layers > m.num_layers

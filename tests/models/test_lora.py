@@ -38,7 +38,7 @@ def test_freeze_and_exact_counts(targets):
     model = lora.enable_lora(_model(), rank=4, alpha=8, targets=targets)
     trainable = model.trainable_weights
     assert trainable and all("lora_kernel" in v.path for v in trainable)
-    counts = sizing.count_params(40, 32, 2, 4, 48, 12, num_kv_heads=2, lora_rank=4, lora_targets=targets)
+    counts = sizing.count_params(sizing.Architecture(40, 32, 2, 4, 48, 12, num_kv_heads=2, lora_rank=4, lora_targets=targets))
     assert model.count_params() == counts.total
     assert sum(int(np.prod(v.shape)) for v in trainable) == counts.trainable
 

@@ -159,19 +159,19 @@ def test_capacity_counts_every_drop():
 
 def _forget_counts(state):
     """A decoding state whose expert counts start again from zero."""
-    if isinstance(state, list):
-        return [_forget_counts(block) for block in state]
-    return dict(state, expert_counts=keras.ops.zeros_like(state["expert_counts"]))
+    return [dict(block, moe=dict(block["moe"], counts=keras.ops.zeros_like(block["moe"]["counts"])))
+            for block in state]
 
 
-# The KV-cache path on every backend; the TTT decoding path, eager and slower, on jax.
-@pytest.mark.parametrize("ttt", [pytest.param(None, marks=pytest.mark.backends),
-                                 {"kind": "linear", "mini_batch_size": 4}])
+# Attention blocks; TTT blocks continue expert counts through the same block code
+# (an MoE layer in a TTT block decodes in tests/models/test_harness.py).
+@pytest.mark.backends
+@pytest.mark.parametrize("ttt", [None])
 def test_cached_decoding_drops_what_the_full_forward_drops(ttt):
     # A row of seq_len tokens decoded in pieces: the cache's expert counts make each piece meet
     # the capacity the tokens before it left. Without `ttt`, the generation path (KV cache,
-    # compiled): a prompt, a 3-token piece, then single tokens; with it, block 1 is a TTT block
-    # and the model decodes from per-block states (`CausalLM.decode`), one token at a time.
+    # compiled): a prompt, a 3-token piece, then single tokens; with it, block 1 is a TTT block,
+    # which continues its inner weights and gradient sums through the same calls.
     from ultimate_trainer.backend import compile_model_fn
 
     keras.utils.set_random_seed(0)
@@ -184,10 +184,7 @@ def test_cached_decoding_drops_what_the_full_forward_drops(ttt):
     tokens = np.random.default_rng(1).integers(0, 50, (1, 16)).astype("int32")
     full = _np(model(tokens))
 
-    if ttt:
-        step, state, cuts = model.decode, model.initial_decode_state(1), range(17)
-    else:
-        step, state, cuts = compile_model_fn(model, model.call_with_cache), model.empty_cache(1), [0, 6, *range(9, 17)]
+    step, state, cuts = compile_model_fn(model, model.call_with_state), model.initial_state(1, 16), [0, 6, *range(9, 17)]
     decoded, forgetful = [], []
     for start, end in zip(cuts, cuts[1:]):
         piece, position = tokens[:, start:end], np.int32(start)
@@ -215,8 +212,8 @@ def _moe_cfg(**kw):
 def test_parameter_formula_matches_the_built_model(moe_every, use_swiglu, tie):
     m = _moe_cfg(moe_every=moe_every, use_swiglu=use_swiglu, tie_embeddings=tie)
     model = build_causal_lm(m, 50)
-    counts = sizing.count_params(50, 32, 3, 2, 24, 16, use_swiglu=use_swiglu, tie_embeddings=tie, num_experts=4,
-                                 experts_top_k=2, moe_every=moe_every)
+    counts = sizing.count_params(sizing.Architecture(50, 32, 3, 2, 24, 16, use_swiglu=use_swiglu, tie_embeddings=tie, num_experts=4,
+                                 experts_top_k=2, moe_every=moe_every))
     assert model.count_params() == counts.total
     assert sum(math.prod(v.shape) for v in model.trainable_weights) == counts.trainable == counts.total
     moe_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEFeedForward)]

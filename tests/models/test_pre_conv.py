@@ -31,8 +31,8 @@ def test_pre_conv_matches_numpy_and_continues_from_its_history():
     x = rng.normal(size=(2, 9, 6)).astype("float32")
     want = reference(x.astype("float64"), scale, kernel[:, :, 0], bias)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x)), want, atol=1e-5)
-    first, history = conv(x[:, :5], return_history=True)
-    rest = conv(x[:, 5:], history=history)
+    first, state = conv(x[:, :5], state=conv.initial_state(2))
+    rest, _ = conv(x[:, 5:], state=state)
     np.testing.assert_allclose(np.concatenate([keras.ops.convert_to_numpy(first), keras.ops.convert_to_numpy(rest)], 1),
                                want, atol=1e-5)
     again = PreConv.from_config(conv.get_config())

@@ -13,12 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _count(name):
     values = {k.split(".", 1)[1]: v for k, v in load_recipe(RECIPES_DIR / f"{name}.yaml").items()}
-    return sizing.count_params(
+    return sizing.count_params(sizing.Architecture(
         values["vocab_size"], values["d_model"], values["num_layers"], values["num_heads"], values["d_ff"],
         values["seq_len"], use_rope=values.get("use_rope", True), use_rmsnorm=values.get("use_rmsnorm", True),
         use_swiglu=values.get("use_swiglu", True), tie_embeddings=values.get("tie_embeddings", False),
         use_bias=values.get("use_bias", False),
-    )
+    ))
 
 
 @pytest.mark.parametrize("name,exact,stated", [
@@ -35,8 +35,8 @@ def test_recipe_parameter_counts(name, exact, stated):
 def test_models_doc_preset_table_matches_the_formula():
     doc = (REPO / "docs" / "models.md").read_text()
     for name, (d, layers, heads, d_ff) in sizing.SIZE_PRESETS.items():
-        byte = sizing.count_params(258, d, layers, heads, d_ff, 256)
-        vocab32k = sizing.count_params(32000, d, layers, heads, d_ff, 256)
+        byte = sizing.count_params(sizing.Architecture(258, d, layers, heads, d_ff, 256))
+        vocab32k = sizing.count_params(sizing.Architecture(32000, d, layers, heads, d_ff, 256))
         row = (f"| {name} | {d} | {layers} | {heads} | {d_ff} | {byte.total:,} | {byte.non_embedding:,} | "
                f"{vocab32k.total:,} |")
         assert row in doc, row
@@ -84,8 +84,8 @@ def test_ttt_recipes_resolve_with_their_token_budgets(name, layers, stated_token
     # The paper counts 2^19 tokens per step as "0.5M": its budgets are ours / 1.048576.
     assert tokens / 1.048576 == pytest.approx(stated_tokens, rel=1e-3)
     assert f"{tokens:,}" in (RECIPES_DIR / f"{name}.yaml").read_text()
-    counts = sizing.count_params(32000, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
-                                 tie_embeddings=True, ttt_layer_type="linear", ttt_mini_batch_size=16)
+    counts = sizing.count_params(sizing.Architecture(32000, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len,
+                                 tie_embeddings=True, ttt_layer_type="linear", ttt_mini_batch_size=16))
     assert counts.total > 0.85 * float(name.split("-")[1].replace("m", "e6").replace("b", "e9"))
 
 

@@ -28,7 +28,7 @@ def test_formula_equals_count_params(dims, use_rope, use_rmsnorm, use_swiglu, ti
                   tie_embeddings=tie)
     model = CausalLM(vocab_size=77, seq_len=24, d_model=d_model, num_layers=3, num_heads=heads, d_ff=80, **kwargs)
     model.build((None, 24))
-    counts = sizing.count_params(77, d_model, 3, heads, 80, 24, **kwargs)
+    counts = sizing.count_params(sizing.Architecture(77, d_model, 3, heads, 80, 24, **kwargs))
     assert counts.total == model.count_params()
     assert counts.non_embedding + counts.embedding == counts.total
 
@@ -46,9 +46,9 @@ def test_formula_with_biases_equals_count_params(kwargs):
         formula_kwargs.update(ttt_layer_type="linear", ttt_mini_batch_size=4, num_experts=4)
     model = CausalLM(vocab_size=77, seq_len=24, d_model=64, num_layers=3, num_heads=4, d_ff=80, **model_kwargs)
     model.build((None, 24))
-    biased = sizing.count_params(77, 64, 3, 4, 80, 24, **formula_kwargs)
+    biased = sizing.count_params(sizing.Architecture(77, 64, 3, 4, 80, 24, **formula_kwargs))
     assert biased.total == model.count_params()
-    plain = sizing.count_params(77, 64, 3, 4, 80, 24, **dict(formula_kwargs, use_bias=False))
+    plain = sizing.count_params(sizing.Architecture(77, 64, 3, 4, 80, 24, **dict(formula_kwargs, use_bias=False)))
     # The biases the formula adds are exactly the Dense biases the model holds.
     assert biased.total - plain.total == sum(int(np.prod(w.shape)) for w in model.weights
                                              if w.path.endswith("/bias") and "ttt" not in w.path)
@@ -89,7 +89,7 @@ def test_target_params_solver_sweep(vocab):
             s = sizing.solve_target_params(n, vocab, 2048, prefer_depth=prefer_depth)
             assert s is not None, (n, vocab, prefer_depth)
             assert abs(s.total_params / n - 1) <= 0.02, (n, s)
-            exact = sizing.count_params(vocab, s.d_model, s.num_layers, s.num_heads, s.d_ff, 2048).total
+            exact = sizing.count_params(sizing.Architecture(vocab, s.d_model, s.num_layers, s.num_heads, s.d_ff, 2048)).total
             assert exact == s.total_params
             assert s.d_model % 64 == 0 and s.d_ff % 64 == 0
             head_dim = s.d_model // s.num_heads
@@ -113,8 +113,8 @@ def test_published_scale_shapes_are_in_range():
 def test_target_params_plain_mlp_uses_four_d():
     s = sizing.solve_target_params(50_000_000, 258, 512, use_swiglu=False, use_rope=False, use_rmsnorm=False)
     assert abs(s.d_ff - 4 * s.d_model) <= 128
-    exact = sizing.count_params(258, s.d_model, s.num_layers, s.num_heads, s.d_ff, 512, use_swiglu=False,
-                                use_rope=False, use_rmsnorm=False).total
+    exact = sizing.count_params(sizing.Architecture(258, s.d_model, s.num_layers, s.num_heads, s.d_ff, 512, use_swiglu=False,
+                                use_rope=False, use_rmsnorm=False)).total
     assert abs(exact / 50_000_000 - 1) <= 0.02
 
 

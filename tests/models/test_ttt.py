@@ -102,18 +102,7 @@ def test_dual_form_equals_the_primal_definition(kind):
     np.testing.assert_allclose(got, reference(layer, x.astype("float64")), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind, kw", [("linear", {}), ("mlp", {}), ("linear", {"share_qk": True, "use_gate": True})])
-def test_token_by_token_decoding_equals_the_parallel_forward(kind, kw):
-    layer = _layer(kind, **kw)
-    x = np.random.default_rng(2).normal(size=(2, 10, 16)).astype("float32")
-    whole = keras.ops.convert_to_numpy(layer(x))
-    state = layer.initial_state(2)
-    pieces = []
-    for i in range(10):
-        y, state = layer.decode(x[:, i : i + 1], state)
-        pieces.append(keras.ops.convert_to_numpy(y))
-    np.testing.assert_allclose(np.concatenate(pieces, 1), whole, atol=2e-5, rtol=1e-4)
-    assert state["position"] == 10
+# Decoding token by token and in pieces against the parallel forward: tests/models/test_harness.py.
 
 
 def test_config_round_trips():

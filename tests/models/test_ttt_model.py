@@ -24,8 +24,8 @@ def _cfg(**kw):
 def test_parameter_formula_matches_the_built_model(kind, gate, share_qk, layers):
     m = _cfg(ttt_layer_type=kind, ttt_use_gate=gate, ttt_share_qk=share_qk, ttt_layers=layers)
     model = build_causal_lm(m, 100)
-    counts = sizing.count_params(100, 32, 3, 4, 64, 24, ttt_layer_type=kind, ttt_layers=layers,
-                                 ttt_mini_batch_size=8, ttt_use_gate=gate, ttt_share_qk=share_qk)
+    counts = sizing.count_params(sizing.Architecture(100, 32, 3, 4, 64, 24, ttt_layer_type=kind, ttt_layers=layers,
+                                 ttt_mini_batch_size=8, ttt_use_gate=gate, ttt_share_qk=share_qk))
     assert model.count_params() == counts.total
     blocks = [i for i, b in enumerate(model.blocks) if b.ttt is not None]
     assert blocks == ([0, 1, 2] if layers is None else [int(i) for i in layers.split(",")])
@@ -44,8 +44,9 @@ def test_config_round_trips_and_the_recipe_names_work():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(again(x)), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
 
 
+# A float32 fit step of a TTT model: tests/models/test_harness.py.
 @pytest.mark.backends
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"])
 def test_a_fit_step_runs_and_lowers_the_loss(policy):
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -85,22 +86,22 @@ def test_state_passing_over_windows_equals_the_whole_sequence(kind, backbone):
     # The Mamba-style backbone's causal convs pass their last inputs on too.
     model = build_causal_lm(_cfg(ttt_layer_type=kind, seq_len=32, num_layers=2, ttt_backbone=backbone), 100)
     x = np.random.default_rng(1).integers(0, 100, (2, 32)).astype("int32")
-    whole, _ = model.call_with_state(x)
+    whole, _ = model.call_with_state(x, model.initial_state(2))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(whole), keras.ops.convert_to_numpy(model(x)), atol=1e-6)
-    states, pieces = None, []
+    states, pieces = model.initial_state(2), []
     for start, end in ((0, 8), (8, 24), (24, 32)):  # windows of 8, 16 and 8 tokens
         logits, states = model.call_with_state(x[:, start:end], states)
         pieces.append(keras.ops.convert_to_numpy(logits))
     np.testing.assert_allclose(np.concatenate(pieces, 1), keras.ops.convert_to_numpy(whole), atol=2e-5)
-    fresh, _ = model.call_with_state(x[:, 8:24])
+    fresh, _ = model.call_with_state(x[:, 8:24], model.initial_state(2))
     assert np.abs(keras.ops.convert_to_numpy(fresh) - pieces[1]).max() > 1e-4, "the state carries information"
 
 
 def _window_states(model, windows):
-    states = None
+    states = model.initial_state(windows[0].shape[0])
     for w in windows:
         _, states = model.call_with_state(w, states)
-    return states
+    return keras.tree.flatten(states)
 
 
 @pytest.mark.backends
@@ -109,8 +110,7 @@ def test_training_carries_each_rows_state_into_the_next_batch():
     # carried states must be exactly the ones `call_with_state` passes along, and after
     # `stream_windows` batches the streams restart from the learned weights.
     cfg = _cfg(ttt_layer_type="linear", seq_len=16, num_layers=2, ttt_backbone="mamba", dropout_rate=0.0)
-    model = build_causal_lm(cfg, 100, state_passing_rows=2)
-    model.stream_windows = 3  # streams of 3 windows: the 4th batch starts new ones
+    model = build_causal_lm(cfg, 100, state_passing_rows=2, stream_windows=3)  # the 4th batch starts new streams
     model.compile(optimizer=keras.optimizers.SGD(0.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     stream = np.random.default_rng(2).integers(0, 100, (2, 49)).astype("int32")
@@ -126,13 +126,13 @@ def test_training_carries_each_rows_state_into_the_next_batch():
 
     fit([0, 1, 2])
     assert int(keras.ops.convert_to_numpy(model.stream_step)) == 3
-    want = [keras.ops.convert_to_numpy(t) for st in _window_states(model, windows) for t in st]
+    want = [keras.ops.convert_to_numpy(t) for t in _window_states(model, windows)]
     for got, expected in zip(carried(), want, strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-5)
     assert model.carried_state_size == 1 + sum(v.size for v in want)  # and the step counter
 
     fit([1])
-    want = [keras.ops.convert_to_numpy(t) for st in _window_states(model, windows[1:2]) for t in st]
+    want = [keras.ops.convert_to_numpy(t) for t in _window_states(model, windows[1:2])]
     for got, expected in zip(carried(), want, strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-5)
     # Evaluation neither reads nor moves the carried states.
@@ -182,8 +182,8 @@ def test_the_mamba_backbone_sets_its_parts_and_the_formula_counts_them():
     assert m.ttt_share_qk and m.ttt_use_gate
     model = build_causal_lm(m, 100)
     assert all(b.pre_conv is not None for b in model.blocks)
-    counts = sizing.count_params(100, 32, 3, 4, 64, 24, ttt_layer_type="mlp", ttt_mini_batch_size=8,
-                                 ttt_use_gate=True, ttt_share_qk=True, ttt_pre_conv=True)
+    counts = sizing.count_params(sizing.Architecture(100, 32, 3, 4, 64, 24, ttt_layer_type="mlp", ttt_mini_batch_size=8,
+                                 ttt_use_gate=True, ttt_share_qk=True, ttt_pre_conv=True))
     assert model.count_params() == counts.total
     # the pre-conv of one block: RMSNorm scale, a depthwise kernel of 4 and a bias per channel
     assert model.blocks[0].pre_conv.count_params() == 32 * (1 + 4 + 1)

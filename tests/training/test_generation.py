@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from ultimate_trainer.backend import compile_model_fn
 from ultimate_trainer.models.causal_lm import CausalLM
 from ultimate_trainer.training.generation import pick
 
@@ -20,18 +21,18 @@ def test_kv_cache_decoding_equals_full_recomputation(kwargs):
     model.build((None, 16))
     tokens = np.random.default_rng(1).integers(0, 50, (1, 12)).astype("int32")
     full = _np(model(tokens))
-    cache = model.empty_cache(1)
-    logits, cache = model.call_with_cache(tokens[:, :5], cache, 0)  # prefill
+    cache = model.initial_state(1, max_length=16)
+    logits, cache = model.call_with_state(tokens[:, :5], cache, 0)  # prefill
     np.testing.assert_allclose(_np(logits), full[:, :5], atol=1e-5)
     for position in range(5, 12):  # then one token at a time
-        logits, cache = model.call_with_cache(tokens[:, position : position + 1], cache, position)
+        logits, cache = model.call_with_state(tokens[:, position : position + 1], cache, position)
         np.testing.assert_allclose(_np(logits)[:, 0], full[:, position], atol=1e-5)
 
 
 @pytest.mark.backends
 @pytest.mark.parametrize("ttt", [
-    {"kind": "linear", "mini_batch_size": 4}, {"kind": "mlp", "mini_batch_size": 4},
-    # the Mamba-style backbone: the pre-conv and the share-QK convs decode from their history
+    # the Mamba-style backbone: the pre-conv and the share-QK convs decode from their history (each
+    # TTT kind decodes token by token in tests/models/test_harness.py)
     {"kind": "linear", "mini_batch_size": 4, "pre_conv": True, "share_qk": True, "use_gate": True},
 ])
 def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):
@@ -41,11 +42,12 @@ def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):
     model.build((None, 16))
     tokens = np.random.default_rng(1).integers(0, 50, (1, 12)).astype("int32")
     full = _np(model(tokens))
-    states = model.initial_decode_state(1)
-    logits, states = model.decode(tokens[:, :5], states, 0)  # a prompt that ends inside a mini-batch
+    states = model.initial_state(1, max_length=16)
+    logits, states = model.call_with_state(tokens[:, :5], states, 0)  # a prompt that ends inside a mini-batch
     np.testing.assert_allclose(_np(logits), full[:, :5], atol=2e-5)
+    step = compile_model_fn(model, model.call_with_state)  # a traced position, as generation compiles it
     for position in range(5, 12):
-        logits, states = model.decode(tokens[:, position : position + 1], states, position)
+        logits, states = step(tokens[:, position : position + 1], states, np.int32(position))
         np.testing.assert_allclose(_np(logits)[:, 0], full[:, position], atol=2e-5)
 
     from ultimate_trainer.data.tokenizers import ByteTokenizer
@@ -110,15 +112,15 @@ def test_generation_records_no_gradients(monkeypatch):
     model = CausalLM(vocab_size=tokenizer.vocab_size, seq_len=16, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     model.build((None, 16))
     outputs = []
-    original = model.call_with_cache
+    original = model.call_with_state
 
     def spy(*args):
         result = original(*args)
         outputs.append(result[0])
         return result
 
-    monkeypatch.setattr(model, "call_with_cache", spy)
+    monkeypatch.setattr(model, "call_with_state", spy)
     generate(model, tokenizer, "ab", max_new_tokens=3, temperature=0)
     assert outputs and not any(t.requires_grad for t in outputs)
     # The check can fail: outside `generate` the same call records.
-    assert original(np.array([[1, 2]], dtype="int32"), model.empty_cache(1), np.int32(0))[0].requires_grad
+    assert original(np.array([[1, 2]], dtype="int32"), model.initial_state(1, 16), 0)[0].requires_grad

@@ -29,8 +29,9 @@ from ultimate_trainer.errors import UserError
 
 # CausalLM config keys that may differ between a checkpoint and the model
 # that loads its weights: they change no weight's shape or meaning.
-# state_passing_rows only sizes carried TTT states (variables, not weights); see `load_model_weights`.
-FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention", "state_passing_rows"}
+# state_passing_rows only sizes carried TTT states (variables, not weights), and stream_windows only
+# says when they restart; see `load_model_weights`.
+FREE_KEYS = {"name", "trainable", "dtype", "dropout_rate", "flash_attention", "state_passing_rows", "stream_windows"}
 
 
 def _fsync_tree(directory):

@@ -147,8 +147,9 @@ def _solve_target(m, vocab):
         use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth, use_bias=m.use_bias,
     )
     if solution is None:
-        embedding = sizing.count_params(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
-                                        tie_embeddings=m.tie_embeddings).embedding
+        smallest = sizing.Architecture(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
+                                       tie_embeddings=m.tie_embeddings)
+        embedding = sizing.count_params(smallest).embedding
         raise UserError(
             f"--target-params {m.target_params:,} has no architecture within 2% for vocab {vocab:,} "
             f"(the embeddings alone take {embedding:,} at d_model 64); raise --target-params, "

@@ -83,12 +83,19 @@ class CausalSelfAttention(keras.layers.Layer):
         self.out.build(tuple(input_shape[:-1]) + (self.num_heads * self.head_dim,))
         self.built = True
 
-    def call(self, x, cache=None, cache_index=0):
-        """Without `cache`: causal attention over `x`. With `cache`
-        (`[batch, 2, max_len, kv_heads, head_dim]`, keys then values), the
-        keys and values of `x` are written at `cache_index`, `x` attends to
-        every cached position up to its own, and `(output, cache)` is
-        returned: decoding one token costs one row, not the whole prefix.
+    def initial_state(self, batch, max_length=None):
+        """The KV cache of `batch` rows of `max_length` positions: `{"kv": [batch,
+        2, max_length, kv_heads, head_dim]}`, keys then values, zeroed. Without
+        `max_length`, `{}`: nothing is kept and every call sees only its own tokens."""
+        if max_length is None:
+            return {}
+        return {"kv": ops.zeros((batch, 2, max_length, self.num_kv_heads, self.head_dim), "float32")}
+
+    def call(self, x, state=None, position=0):
+        """Causal attention over `x`. With a `state` (`initial_state`), `x` sits at
+        `position` onwards: its keys and values are written into the cache there,
+        it attends to every cached position up to its own, and `(output, state)`
+        is returned: decoding one token costs one row, not the whole prefix.
         """
         batch, seq = ops.shape(x)[0], ops.shape(x)[1]
         q_width = self.num_heads * self.head_dim
@@ -98,15 +105,16 @@ class CausalSelfAttention(keras.layers.Layer):
         k = ops.reshape(k, (batch, seq, self.num_kv_heads, self.head_dim))
         v = ops.reshape(v, (batch, seq, self.num_kv_heads, self.head_dim))
         if self.rotary is not None:
-            q = self.rotary(q, start_index=cache_index)
-            k = self.rotary(k, start_index=cache_index)
+            q = self.rotary(q, start_index=position)
+            k = self.rotary(k, start_index=position)
+        cache = state.get("kv") if state is not None else None
         mask = None
         if cache is not None:
-            k = ops.slice_update(cache[:, 0], (0, cache_index, 0, 0), ops.cast(k, cache.dtype))
-            v = ops.slice_update(cache[:, 1], (0, cache_index, 0, 0), ops.cast(v, cache.dtype))
+            k = ops.slice_update(cache[:, 0], (0, position, 0, 0), ops.cast(k, cache.dtype))
+            v = ops.slice_update(cache[:, 1], (0, position, 0, 0), ops.cast(v, cache.dtype))
             cache = ops.stack([k, v], axis=1)
             k, v = ops.cast(k, q.dtype), ops.cast(v, q.dtype)
-            query_positions = cache_index + ops.arange(seq)
+            query_positions = position + ops.arange(seq)
             mask = ops.arange(ops.shape(k)[1])[None, :] <= query_positions[:, None]
             mask = ops.broadcast_to(mask[None, None], (batch, self.num_heads, seq, ops.shape(k)[1]))
         if self.num_kv_heads == 1 < self.num_heads:
@@ -116,9 +124,12 @@ class CausalSelfAttention(keras.layers.Layer):
             v = ops.repeat(v, self.num_heads, axis=2)
         if cache is None:
             y = ops.dot_product_attention(q, k, v, is_causal=True, flash_attention=self.flash_attention)
-            return self.out(ops.reshape(y, (batch, seq, q_width)))
-        y = ops.dot_product_attention(q, k, v, mask=mask, flash_attention=False)
-        return self.out(ops.reshape(y, (batch, seq, q_width))), cache
+        else:
+            y = ops.dot_product_attention(q, k, v, mask=mask, flash_attention=False)
+        y = self.out(ops.reshape(y, (batch, seq, q_width)))
+        if state is None:
+            return y
+        return y, ({} if cache is None else {"kv": cache})
 
     def get_config(self):
         config = super().get_config()

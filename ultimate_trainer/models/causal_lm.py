@@ -1,4 +1,18 @@
-"""The decoder-only language model: embeddings, blocks, final norm, LM head."""
+"""The decoder-only language model, keras-hub style: a backbone (embeddings,
+blocks, final norm, layout map) and the causal-LM task on top of it (the LM
+head, TTT state passing in training).
+
+One state protocol runs through every layer: `initial_state(batch,
+max_length=None)` gives the state before any token, and `call(x,
+state=state, position=p)` continues it and returns `(y, state)`; without a
+state a layer runs stateless. Attention's state is its KV cache, a TTT
+layer's its inner weights (and, when decoding, gradient sums), the pre-conv's
+its window of inputs, an MoE layer's its experts' counts; a block's state is
+its sublayers' states by name, the model's a list of its blocks' states.
+Without `max_length` only the recurrent parts (TTT, pre-conv) hold anything:
+that is what state passing carries from window to window. Generation
+(`max_length` given) continues every part: a prompt, then one token at a time.
+"""
 
 import math
 
@@ -6,124 +20,68 @@ import keras
 from keras import ops
 from keras_hub.layers import PositionEmbedding, ReversibleEmbedding
 
+from ultimate_trainer.config.parsers import ttt_kind
+from ultimate_trainer.models import layout, sizing
+from ultimate_trainer.models.moe import statistics_count
 from ultimate_trainer.models.transformer_block import TransformerBlock, make_norm
+
+# The constructor arguments that fix a backbone's shape, in order.
+ARCHITECTURE_ARGS = ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads", "d_ff", "num_kv_heads",
+                     "use_rope", "use_rmsnorm", "use_swiglu", "activation", "dropout_rate", "tie_embeddings",
+                     "flash_attention", "ttt", "ttt_layers", "moe", "moe_every", "use_bias")
 
 
 @keras.saving.register_keras_serializable(package="ultimate_trainer")
-class CausalLM(keras.Model):
-    """Decoder-only transformer returning float32 logits `[batch, seq, vocab]`.
+class CausalLMBackbone(keras.Model):
+    """Token ids `[batch, seq]` to final-normed hidden states `[batch, seq, d_model]`.
 
     LLaMA style by default (RoPE, RMSNorm, SwiGLU, no biases); GPT-2 style
     with `use_rope=False, use_rmsnorm=False, use_swiglu=False, use_bias=True`
     (learned positions, LayerNorm, GELU, biases in every projection).
     Weights start from normal(0.02), biases from zero; the projections that
     write into the residual stream start from normal(0.02 / sqrt(2 *
-    num_layers)), as in GPT-2.
-
-    TTT state passing (`state_passing_rows=B`): in training, each TTT block
-    starts a batch's row b from where the previous batch's row b ended (its
-    final inner weights, no gradient across batches), so the input must
-    give each row its own contiguous stream. The carried states are
-    non-trainable variables, not parameters; they reset to the learned
-    initial weights every `stream_windows` batches (each stream's length,
-    set by the trainer; None: never after the first). Evaluation and
-    generation never read or change them.
+    num_layers)), as in GPT-2. `ttt` (TTTLayer arguments and `pre_conv`)
+    puts TTT layers in the blocks `ttt_layers` names (all when None); `moe`
+    (MoEFeedForward arguments) an MoE layer in every `moe_every`-th block.
 
     Example:
-        >>> model = CausalLM(vocab_size=258, seq_len=64, d_model=128,
-        ...                  num_layers=2, num_heads=4, d_ff=512)
-        >>> model(np.zeros((1, 64), "int32")).shape
-        (1, 64, 258)
+        >>> backbone = CausalLMBackbone(vocab_size=258, seq_len=64, d_model=128,
+        ...                             num_layers=2, num_heads=4, d_ff=512)
+        >>> backbone(np.zeros((1, 64), "int32")).shape
+        (1, 64, 128)
     """
 
-    def __init__(
-        self,
-        vocab_size,
-        seq_len,
-        d_model,
-        num_layers,
-        num_heads,
-        d_ff,
-        num_kv_heads=None,
-        use_rope=True,
-        use_rmsnorm=True,
-        use_swiglu=True,
-        activation="gelu",
-        dropout_rate=0.0,
-        tie_embeddings=False,
-        flash_attention=None,
-        ttt=None,
-        ttt_layers=None,
-        state_passing_rows=None,
-        moe=None,
-        moe_every=1,
-        use_bias=False,
-        **kwargs,
-    ):
+    def __init__(self, vocab_size, seq_len, d_model, num_layers, num_heads, d_ff, num_kv_heads=None, use_rope=True,
+                 use_rmsnorm=True, use_swiglu=True, activation="gelu", dropout_rate=0.0, tie_embeddings=False,
+                 flash_attention=None, ttt=None, ttt_layers=None, moe=None, moe_every=1, use_bias=False, **kwargs):
         super().__init__(**kwargs)
-        self.use_bias = use_bias
-        self.state_passing_rows = state_passing_rows
-        # Batches per stream: a data property, not config; set before the first training step, which compiles it in.
-        self.stream_windows = None
-        from ultimate_trainer.models.sizing import moe_block_indices
-
+        self.vocab_size, self.seq_len, self.d_model, self.num_layers = vocab_size, seq_len, d_model, num_layers
+        self.num_heads, self.d_ff, self.num_kv_heads, self.use_bias = num_heads, d_ff, num_kv_heads, use_bias
+        self.use_rope, self.use_rmsnorm, self.use_swiglu = use_rope, use_rmsnorm, use_swiglu
+        self.activation, self.dropout_rate, self.tie_embeddings = activation, dropout_rate, tie_embeddings
+        self.flash_attention = flash_attention
+        self.ttt = dict(ttt) if ttt else None  # TTTLayer arguments for the TTT blocks, and pre_conv
+        self.ttt_layers = list(ttt_layers) if ttt_layers is not None else None
         self.moe = dict(moe) if moe else None  # MoEFeedForward arguments for the MoE blocks
         self.moe_every = moe_every
-        moe_blocks = set(moe_block_indices(num_layers, self.moe and self.moe["num_experts"], moe_every))
-        self.ttt = dict(ttt) if ttt else None  # TTTLayer arguments for the TTT blocks
-        self.ttt_layers = list(ttt_layers) if ttt_layers is not None else None
         ttt_blocks = set(range(num_layers) if self.ttt and ttt_layers is None else (ttt_layers or ()))
-        self.vocab_size = vocab_size
-        self.seq_len = seq_len
-        self.d_model = d_model
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.d_ff = d_ff
-        self.num_kv_heads = num_kv_heads
-        self.use_rope = use_rope
-        self.use_rmsnorm = use_rmsnorm
-        self.use_swiglu = use_swiglu
-        self.activation = activation
-        self.dropout_rate = dropout_rate
-        self.tie_embeddings = tie_embeddings
-        self.flash_attention = flash_attention
+        moe_blocks = set(sizing.moe_block_indices(num_layers, self.moe and self.moe["num_experts"], moe_every))
 
         init = keras.initializers.RandomNormal(stddev=0.02)
         self.token_embedding = ReversibleEmbedding(
-            vocab_size,
-            d_model,
-            tie_weights=tie_embeddings,
-            embeddings_initializer=init,
-            reverse_dtype="float32",
-            dtype=self.dtype_policy,
-            name="token_embedding",
-        )
-        self.position_embedding = (
-            None
-            if use_rope
-            else PositionEmbedding(seq_len, initializer=init, dtype=self.dtype_policy, name="position_embedding")
-        )
+            vocab_size, d_model, tie_weights=tie_embeddings, embeddings_initializer=init, reverse_dtype="float32",
+            dtype=self.dtype_policy, name="token_embedding")
+        self.position_embedding = None if use_rope else PositionEmbedding(
+            seq_len, initializer=init, dtype=self.dtype_policy, name="position_embedding")
         self.embedding_dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="embedding_dropout")
         self.blocks = [
             TransformerBlock(
-                num_heads=num_heads,
-                head_dim=d_model // num_heads,
-                d_ff=d_ff,
-                num_kv_heads=num_kv_heads,
-                use_rope=use_rope,
-                use_rmsnorm=use_rmsnorm,
-                use_swiglu=use_swiglu,
-                activation=activation,
-                dropout_rate=dropout_rate,
-                flash_attention=flash_attention,
-                initializer_range=0.02,
-                output_initializer_range=0.02 / math.sqrt(2 * num_layers),
-                ttt=self.ttt if i in ttt_blocks else None,
-                moe=self.moe if i in moe_blocks else None,
-                use_bias=use_bias,
-                dtype=self.dtype_policy,
-                name=f"block_{i}",
-            )
+                num_heads=num_heads, head_dim=d_model // num_heads, d_ff=d_ff, num_kv_heads=num_kv_heads,
+                use_rope=use_rope, use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, activation=activation,
+                dropout_rate=dropout_rate, flash_attention=flash_attention, initializer_range=0.02,
+                output_initializer_range=0.02 / math.sqrt(2 * num_layers), use_bias=use_bias,
+                ttt=self.ttt if i in ttt_blocks else None, moe=self.moe if i in moe_blocks else None,
+                dtype=self.dtype_policy, name=f"block_{i}")
             for i in range(num_layers)
         ]
         self.final_norm = make_norm(use_rmsnorm, "final_norm", self.dtype_policy)
@@ -136,17 +94,101 @@ class CausalLM(keras.Model):
         for block in self.blocks:
             block.build(hidden)
         self.final_norm.build(hidden)
-        self.carried = []
+        self.built = True
+
+    def embed(self, token_ids, position=0, training=None):
+        """Token (and learned position) embeddings of tokens placed at `position` onwards."""
+        x = self.token_embedding(token_ids)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, start_index=position)
+        return self.embedding_dropout(x, training=training)
+
+    def call(self, token_ids, training=None):
+        x = self.embed(token_ids, training=training)
+        for block in self.blocks:
+            x = block(x, training=training)
+        return self.final_norm(x)
+
+    def initial_state(self, batch, max_length=None):
+        """Each block's state before any token (see the module docstring): with
+        `max_length`, for decoding up to that many positions; without, for a
+        stream of windows (TTT state passing).
+
+        Example:
+            state = model.initial_state(1, max_length=model.seq_len)
+        """
+        return [block.initial_state(batch, max_length) for block in self.blocks]
+
+    def call_with_state(self, token_ids, state, position=0, training=None):
+        """Hidden states of `token_ids` placed at `position` onwards, continuing
+        `state` (`initial_state`), and the state after them."""
+        x = self.embed(token_ids, position, training)
+        new_state = []
+        for block, block_state in zip(self.blocks, state, strict=True):
+            x, block_state = block(x, training=training, state=block_state, position=position)
+            new_state.append(block_state)
+        return self.final_norm(x), new_state
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in ARCHITECTURE_ARGS})
+        return config
+
+    REPLICATED_WEIGHTS = layout.REPLICATED_WEIGHTS
+    get_layout_map = staticmethod(layout.get_layout_map)
+
+    def count_params(self):
+        """Parameters, trainable or frozen; the MoE routing statistics (models/moe.py)
+        and the carried TTT states (`carried_state_size`) are variables, not
+        parameters, and are left out."""
+        return super().count_params() - statistics_count(self) - self.carried_state_size
+
+    @property
+    def carried_state_size(self):
+        """Values in the carried TTT states and their step counter (`CausalLM`): none here."""
+        return 0
+
+
+@keras.saving.register_keras_serializable(package="ultimate_trainer")
+class CausalLM(CausalLMBackbone):
+    """The causal-LM task: the backbone's hidden states through the LM head (the
+    token embedding reversed, tied or not) to float32 logits `[batch, seq, vocab]`.
+
+    TTT state passing (`state_passing_rows=B`): in training, each TTT block
+    starts a batch's row b from where the previous batch's row b ended (its
+    final inner weights, no gradient across batches), so the input must
+    give each row its own contiguous stream. The carried states are
+    non-trainable variables, not parameters; they reset to the learned
+    initial weights every `stream_windows` batches (each stream's length in
+    windows, a property of the data; None: never after the first).
+    Evaluation and generation never read or change them.
+
+    Example:
+        >>> model = CausalLM(vocab_size=258, seq_len=64, d_model=128,
+        ...                  num_layers=2, num_heads=4, d_ff=512)
+        >>> model(np.zeros((1, 64), "int32")).shape
+        (1, 64, 258)
+        >>> state = model.initial_state(1, max_length=64)
+        >>> logits, state = model.call_with_state(np.zeros((1, 5), "int32"), state, 0)  # a prompt
+        >>> logits, state = model.call_with_state(np.zeros((1, 1), "int32"), state, 5)  # one more token
+    """
+
+    def __init__(self, *args, state_passing_rows=None, stream_windows=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_passing_rows = state_passing_rows
+        self.stream_windows = stream_windows
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self.carried = []  # per block, the variables of its flattened stream state
         if self.state_passing_rows:
-            rows = self.state_passing_rows
             self.stream_step = self.add_weight((), "zeros", dtype="int32", trainable=False, name="stream_step")
-            for i, block in enumerate(self.blocks):
+            for i, start in enumerate(self.initial_state(self.state_passing_rows)):
                 self.carried.append([
                     self.add_weight(tuple(t.shape), "zeros", trainable=False, autocast=False,
                                     name=f"carried_state_{i}_{j}")
-                    for j, t in enumerate(block.window_state(rows))
+                    for j, t in enumerate(keras.tree.flatten(start))
                 ])
-        self.built = True
 
     @property
     def carried_state_size(self):
@@ -156,44 +198,27 @@ class CausalLM(keras.Model):
             return 0
         return 1 + sum(math.prod(v.shape) for vs in self.carried for v in vs)
 
+    def head(self, hidden):
+        """Float32 logits of final-normed hidden states."""
+        return ops.cast(self.token_embedding(hidden, reverse=True), "float32")
+
     def call(self, token_ids, training=None):
         if training and self.state_passing_rows:
             return self._call_carrying_state(token_ids)
-        x = self.token_embedding(token_ids)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x)
-        x = self.embedding_dropout(x, training=training)
-        for block in self.blocks:
-            x = block(x, training=training)
-        x = self.final_norm(x)
-        return ops.cast(self.token_embedding(x, reverse=True), "float32")
+        return self.head(super().call(token_ids, training=training))
 
-    def call_with_state(self, token_ids, states=None):
-        """Logits of one window and each TTT block's final inner state, continuing from
-        `states` (None: the learned initial weights). For a stream cut into windows of a
-        multiple of `ttt_mini_batch_size` tokens, feeding each window's states into the
-        next gives the logits of the whole stream processed at once.
+    def call_with_state(self, token_ids, state, position=0, training=None):
+        """Logits of `token_ids` placed at `position` onwards, continuing `state`
+        (`initial_state`), and the state after them: a stream's windows one after
+        another (no `max_length`), or a prompt and then single tokens.
 
         Example:
-            logits, states = model.call_with_state(window_1)
-            logits, states = model.call_with_state(window_2, states)
+            state = model.initial_state(1, max_length=model.seq_len)
+            logits, state = model.call_with_state(prompt_ids, state, 0)
+            logits, state = model.call_with_state(next_id, state, len(prompt))
         """
-        if states is not None:  # truncated backpropagation: no gradient into an earlier window
-            states = [None if st is None else tuple(ops.stop_gradient(t) for t in st) for st in states]
-        return self._windowed(token_ids, states)
-
-    def _windowed(self, token_ids, states, training=None):
-        x = self.token_embedding(token_ids)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x)
-        x = self.embedding_dropout(x, training=training)
-        states = list(states) if states is not None else [None] * len(self.blocks)
-        new_states = []
-        for block, state in zip(self.blocks, states):
-            x, state = block(x, training=training, ttt_state=state, return_state=True)
-            new_states.append(state)
-        logits = self.token_embedding(self.final_norm(x), reverse=True)
-        return ops.cast(logits, "float32"), new_states
+        hidden, state = super().call_with_state(token_ids, state, position, training)
+        return self.head(hidden), state
 
     def _call_carrying_state(self, token_ids):
         rows = ops.shape(token_ids)[0]
@@ -203,222 +228,36 @@ class CausalLM(keras.Model):
                 f"train with batches of exactly {self.state_passing_rows}")
         step = self.stream_step.value
         reset = ops.equal(step, 0) if not self.stream_windows else ops.equal(step % self.stream_windows, 0)
-        states = []
-        for block, carried in zip(self.blocks, self.carried):
-            if not carried:
-                states.append(None)
-                continue
+        state = []
+        for start, carried in zip(self.initial_state(self.state_passing_rows), self.carried):
             # A new stream starts from the learned weights (and learns them); a
             # continuing one from the carried values, which have no gradient.
-            states.append(tuple(ops.where(reset, start, ops.stop_gradient(var.value))
-                                for start, var in zip(block.window_state(self.state_passing_rows), carried)))
-        logits, new_states = self._windowed(token_ids, states, training=True)
-        for carried, state in zip(self.carried, new_states):
-            for var, value in zip(carried, state or ()):
+            leaves = [ops.where(reset, s, ops.stop_gradient(var.value))
+                      for s, var in zip(keras.tree.flatten(start), carried)]
+            state.append(keras.tree.pack_sequence_as(start, leaves))
+        logits, state = self.call_with_state(token_ids, state, 0, training=True)
+        for carried, block_state in zip(self.carried, state):
+            for var, value in zip(carried, keras.tree.flatten(block_state)):
                 var.assign(ops.stop_gradient(ops.cast(value, "float32")))
         self.stream_step.assign(step + 1)
         return logits
 
-    def initial_decode_state(self, batch_size):
-        """Per block: a TTT layer's decoding state, or an attention block's KV cache."""
-        cache = self.empty_cache(batch_size)
-        return [block.initial_decode_state(batch_size) if block.ttt is not None else _layer_cache(cache, i)
-                for i, block in enumerate(self.blocks)]
-
-    def decode(self, token_ids, states, position):
-        """Logits of `token_ids` placed at `position` onwards and the updated states
-        (`initial_decode_state`): the generation path for models with TTT blocks,
-        which keep inner weights and gradient sums instead of keys and values.
-
-        Example:
-            states = model.initial_decode_state(1)
-            logits, states = model.decode(prompt_ids, states, 0)
-            logits, states = model.decode(next_id, states, len(prompt))
-        """
-        x = self.token_embedding(token_ids)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x, start_index=position)
-        new_states = []
-        for block, state in zip(self.blocks, states):
-            if block.ttt is not None:
-                x, state = block.decode(x, state, self.seq_len)
-            else:
-                x, state = block(x, cache=state, cache_index=position)
-            new_states.append(state)
-        logits = self.token_embedding(self.final_norm(x), reverse=True)
-        return ops.cast(logits, "float32"), new_states
-
-    def empty_cache(self, batch_size, max_length=None, dtype="float32"):
-        """A zeroed decoding cache: `kv`, the keys and values `[batch, layers, 2,
-        max_length, kv_heads, head_dim]`, and for an MoE model `expert_counts`
-        `[batch, layers, experts]` (int32), each expert's assignments so far, so
-        a token decoded alone meets the capacity of a `max_length` row."""
-        kv_heads = self.num_kv_heads or self.num_heads
-        shape = (batch_size, self.num_layers, 2, max_length or self.seq_len, kv_heads, self.d_model // self.num_heads)
-        cache = {"kv": ops.zeros(shape, dtype)}
-        if self.moe:
-            cache["expert_counts"] = ops.zeros((batch_size, self.num_layers, self.moe["num_experts"]), "int32")
-        return cache
-
-    def call_with_cache(self, token_ids, cache, cache_index):
-        """Logits of `token_ids` placed at `cache_index` onwards, and the updated cache.
-
-        Example:
-            cache = model.empty_cache(1)
-            logits, cache = model.call_with_cache(prompt_ids, cache, 0)        # prefill
-            logits, cache = model.call_with_cache(next_id, cache, len(prompt))  # one token
-        """
-        x = self.token_embedding(token_ids)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(x, start_index=cache_index)
-        layer_caches = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cache=_layer_cache(cache, i), cache_index=cache_index)
-            layer_caches.append(layer_cache)
-        logits = self.token_embedding(self.final_norm(x), reverse=True)
-        return ops.cast(logits, "float32"), {name: ops.stack([c[name] for c in layer_caches], axis=1) for name in cache}
-
     def get_config(self):
         config = super().get_config()
-        config.update(
-            vocab_size=self.vocab_size,
-            seq_len=self.seq_len,
-            d_model=self.d_model,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            num_kv_heads=self.num_kv_heads,
-            use_rope=self.use_rope,
-            use_rmsnorm=self.use_rmsnorm,
-            use_swiglu=self.use_swiglu,
-            activation=self.activation,
-            dropout_rate=self.dropout_rate,
-            tie_embeddings=self.tie_embeddings,
-            flash_attention=self.flash_attention,
-            ttt=self.ttt,
-            ttt_layers=self.ttt_layers,
-            state_passing_rows=self.state_passing_rows,
-            moe=self.moe,
-            moe_every=self.moe_every,
-            use_bias=self.use_bias,
-        )
+        config.update(state_passing_rows=self.state_passing_rows, stream_windows=self.stream_windows)
         return config
-
-    # Weights that stay whole on every device on purpose: norms and biases (a
-    # d_model vector each), per-token offsets, scalars, the MoE routing
-    # statistics and the dropout RNG states. Anything else that ends up fully
-    # replicated under fsdp/model is reported (distribution.check_layouts).
-    REPLICATED_WEIGHTS = (
-        r".*/(attention_norm|mlp_norm|final_norm|pre_conv/norm|ttt/post_norm)/(scale|gamma|beta)",
-        r".*/(ttt/conv_q|ttt/conv_k|pre_conv/conv)/bias",
-        r".*/(attention/out|mlp/down)/bias",
-        r".*/ttt/token_offset",
-        r".*/moe/stat_[a-z_]+",
-        r".*/stream_step",
-        r"(.*/)?seed_generator(_[0-9]+)?/seed_generator_state",
-    )
-
-    @staticmethod
-    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch", fsdp=False):
-        """A `keras.distribution.LayoutMap` for every weight of every block type.
-
-        Megatron-style tensor parallelism on the model axis: column-parallel
-        input projections (fused QKV, gate/up, the TTT projections), row-
-        parallel output projections, per-head TTT inner weights split by
-        head, MoE experts split by expert (expert parallelism), the
-        embeddings split along d_model and the LM head along the vocab.
-        With `fsdp`, each weight's other large axis is also split along the
-        data axis (weights gathered per use, ZeRO-3 style). Axes absent from
-        the mesh are left whole. Carried TTT states (`--state-passing`) are
-        split by batch row on the data axis. `REPLICATED_WEIGHTS` are
-        declared whole. A dimension the mesh axis does not divide is left to
-        `distribution.py`, which moves the axis to a dimension it divides or
-        keeps the weight whole and says so.
-
-        Example:
-            mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"))
-            layout_map = CausalLM.get_layout_map(mesh, fsdp=True)
-            keras.distribution.set_distribution(
-                keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
-            model = build_causal_lm(model_cfg, vocab_size)   # weights created sharded
-        """
-        axes = device_mesh.axis_names
-        m = model_parallel_dim_name if model_parallel_dim_name in axes else None
-        b = data_parallel_dim_name if data_parallel_dim_name in axes else None
-        d = b if fsdp else None
-        rules = {
-            # embeddings: lookups split along d_model; logits along the vocab
-            r".*/token_embedding/embeddings": (d, m),
-            r".*/token_embedding/reverse_embeddings": (d, m),
-            r".*/position_embedding/embeddings": (d, m),
-            # attention and dense MLP
-            r".*/attention/qkv/kernel": (d, m),
-            r".*/attention/out/kernel": (m, d),
-            r".*/mlp/(gate_up|up)/kernel": (d, m),
-            r".*/mlp/down/kernel": (m, d),
-            # biases of column-parallel projections follow their output columns
-            r".*/attention/qkv/bias": (m,),
-            r".*/mlp/(gate_up|up)/bias": (m,),
-            # LoRA adapters: the rank axis stays whole, the other follows the base kernel
-            r".*/(attention/qkv|mlp/gate_up|mlp/up)/lora_kernel_a": (d, None),
-            r".*/(attention/qkv|mlp/gate_up|mlp/up)/lora_kernel_b": (None, m),
-            r".*/(attention/out|mlp/down)/lora_kernel_a": (m, None),
-            r".*/(attention/out|mlp/down)/lora_kernel_b": (None, d),
-            # TTT: projections as attention; inner weights [heads, in, out] by head
-            r".*/ttt/(q_proj|k_proj|v_proj|gate)/kernel": (d, m),
-            r".*/ttt/o_proj/kernel": (m, d),
-            r".*/ttt/w1": (m, None, d),
-            r".*/ttt/w2": (m, d, None),
-            r".*/ttt/(b1|b2|ttt_norm_scale|ttt_norm_bias|lr_bias)": (m,),
-            r".*/ttt/lr_weight": (m, d),
-            # depthwise convs [kernel, channels, 1] by channel (TTT share-QK and the Mamba-style pre-conv);
-            # Keras layouts name one mesh axis per dimension: the model axis, else the data axis
-            r".*/(ttt/conv_q|ttt/conv_k|pre_conv/conv)/kernel": (None, m or d),
-            # MoE: experts [experts, in, out] by expert; the router by expert
-            r".*/moe/experts_(gate_up|up)": (m, d, None),
-            r".*/moe/experts_down": (m, None, d),
-            r".*/moe/router/kernel": (d, m),
-            # TTT state passing: one carried state per batch row, split with the batch
-            r".*/carried_state_[0-9]+_[0-9]+": (b,),
-        }
-        layout_map = keras.distribution.LayoutMap(device_mesh)
-        for pattern, spec in rules.items():
-            layout_map[pattern] = spec
-        for pattern in CausalLM.REPLICATED_WEIGHTS:
-            layout_map[pattern] = ()
-        return layout_map
-
-    def count_params(self):
-        """Parameters, trainable or frozen; the MoE routing statistics (models/moe.py)
-        and the carried TTT states (`carried_state_size`) are variables, not
-        parameters, and are left out."""
-        from ultimate_trainer.models.moe import statistics_count
-
-        return super().count_params() - statistics_count(self) - self.carried_state_size
-
-
-def _layer_cache(cache, layer):
-    """Block `layer`'s part of an `empty_cache` dict."""
-    return {name: value[:, layer] for name, value in cache.items()}
 
 
 def model_kwargs(model_cfg, vocab_size):
-    """Maps a `ModelConfig` to `CausalLM` constructor arguments."""
+    """Maps a `ModelConfig` to `CausalLM` constructor arguments: the shape from its
+    `sizing.Architecture`, plus what changes no weight (activation, dropout, kernels)."""
+    arch = sizing.Architecture.from_model_config(model_cfg, vocab_size)
+    shape = ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads", "d_ff", "num_kv_heads", "use_rope",
+             "use_rmsnorm", "use_swiglu", "tie_embeddings", "use_bias")
     return dict(
-        vocab_size=vocab_size,
-        seq_len=model_cfg.seq_len,
-        d_model=model_cfg.d_model,
-        num_layers=model_cfg.num_layers,
-        num_heads=model_cfg.num_heads,
-        d_ff=model_cfg.d_ff,
-        num_kv_heads=model_cfg.num_kv_heads,
-        use_rope=model_cfg.use_rope,
-        use_rmsnorm=model_cfg.use_rmsnorm,
-        use_swiglu=model_cfg.use_swiglu,
+        {name: getattr(arch, name) for name in shape},
         activation=model_cfg.activation,
         dropout_rate=model_cfg.dropout_rate,
-        tie_embeddings=model_cfg.tie_embeddings,
-        use_bias=model_cfg.use_bias,
         # True means "auto": let the backend use a fused kernel if it has one.
         flash_attention=None if model_cfg.flash_attention else False,
         **ttt_kwargs(model_cfg),
@@ -438,21 +277,21 @@ def moe_kwargs(model_cfg):
 
 def ttt_kwargs(model_cfg):
     """`CausalLM`'s `ttt` and `ttt_layers` arguments for a `ModelConfig` ({} without TTT)."""
-    from ultimate_trainer.config import ttt_kind
-    from ultimate_trainer.models.sizing import ttt_block_indices
-
     m = model_cfg
-    if not m.ttt_layer_type:
+    kind = ttt_kind(m)
+    if not kind:
         return {}
-    ttt = dict(kind=ttt_kind(m), mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
+    ttt = dict(kind=kind, mini_batch_size=m.ttt_mini_batch_size, base_lr=m.ttt_base_lr,
                use_gate=m.ttt_use_gate, share_qk=m.ttt_share_qk, pre_conv=m.ttt_backbone == "mamba")
-    layers = None if m.ttt_layers is None else list(ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers))
+    layers = None if m.ttt_layers is None else list(sizing.ttt_block_indices(m.num_layers, kind, m.ttt_layers))
     return {"ttt": ttt, "ttt_layers": layers}
 
 
-def build_causal_lm(model_cfg, vocab_size, state_passing_rows=None):
+def build_causal_lm(model_cfg, vocab_size, state_passing_rows=None, stream_windows=None):
     """Builds a `CausalLM` from a `ModelConfig`, weights created; with
-    `state_passing_rows`, it carries TTT states for batches of that many rows."""
-    model = CausalLM(**model_kwargs(model_cfg, vocab_size), state_passing_rows=state_passing_rows, name="causal_lm")
+    `state_passing_rows`, it carries TTT states for batches of that many rows,
+    restarting them every `stream_windows` batches."""
+    model = CausalLM(**model_kwargs(model_cfg, vocab_size), state_passing_rows=state_passing_rows,
+                     stream_windows=stream_windows, name="causal_lm")
     model.build((None, model_cfg.seq_len))
     return model

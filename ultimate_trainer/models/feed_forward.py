@@ -65,14 +65,20 @@ class FeedForward(keras.layers.Layer):
         self.down.build(tuple(input_shape[:-1]) + (self.hidden_dim,))
         self.built = True
 
-    def call(self, x):
+    def initial_state(self, batch, max_length=None):
+        """`{}`: a position-wise layer keeps nothing between calls."""
+        return {}
+
+    def call(self, x, state=None, position=0):
+        """`down(act(up(x)))`; with a `state` (always `{}`), `(output, state)`."""
         h = self.up(x)
         if self.use_swiglu:
             gate, up = ops.split(h, 2, axis=-1)
             h = ops.silu(gate) * up
         else:
             h = ACTIVATIONS[self.activation](h)
-        return self.down(h)
+        y = self.down(h)
+        return y if state is None else (y, state)
 
     def get_config(self):
         config = super().get_config()

@@ -64,7 +64,7 @@ def lora_weights(model):
 
 def save_lora(model, directory, rank, alpha, targets):
     """Writes the adapters alone (`lora_adapter.npz` + `lora_config.json`) into `directory`."""
-    import keras
+    import keras  # here, not above: the plan reads this module's names on --dry-run, without keras
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -98,9 +98,7 @@ def merge_lora(model):
     Example:
         merged = merge_lora(model)   # same outputs, plain Dense layers
     """
-    from ultimate_trainer.models.causal_lm import CausalLM
-
-    merged = CausalLM.from_config(model.get_config())
+    merged = type(model).from_config(model.get_config())
     merged.build((None, model.seq_len))
     values = {_relative(v.path): v for v in model.weights if "lora_kernel" not in v.path}
     for layer in model._flatten_layers():

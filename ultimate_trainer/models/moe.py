@@ -26,10 +26,12 @@ the drop is counted. `capacity_factor=None` is dropless: capacity is the
 whole row, so nothing can be dropped, at `num_experts / top_k` times the
 expert compute of an even split.
 
-Decoding with a KV cache feeds a row a few tokens at a time; the cache
-carries each expert's count of assignments so far (`counts`), and the
-capacity is the one of the whole cached row (`row_length`), so a token
-decoded alone is dropped exactly when the full forward of that row drops it.
+Decoding feeds a row a few tokens at a time; the layer's state
+(`initial_state(batch, max_length)`) carries each expert's count of
+assignments so far and the capacity of a whole row of `max_length` tokens,
+so a token decoded alone is dropped exactly when the full forward of that
+row drops it. A stateful call's buffer holds, per expert, one slot per token
+of the call (a token takes an expert at most once), not a row's capacity.
 
 Auxiliary losses, added to the training loss (training calls only):
 - load balancing (Switch, eq. 4, for top-k): `E * sum_e f_e * P_e`, with
@@ -157,29 +159,38 @@ class MoEFeedForward(keras.layers.Layer):
         top_p, top_i = ops.top_k(probs, self.top_k)
         return logits, top_i, top_p / ops.sum(top_p, axis=-1, keepdims=True)
 
-    def call(self, x, training=None, counts=None, row_length=None):
-        """`x` [batch, seq, d] is a whole row. With `counts` ([batch, E] int32: per row,
-        the assignments each expert has had from the tokens before `x`), `x` continues
-        a row of `row_length` tokens, whose capacity applies, and `(output, counts after
-        x)` is returned: the KV-cache decoding path."""
+    def initial_state(self, batch, max_length=None):
+        """`{"counts": [batch, E] int32, "capacity": int32}`: no assignment yet, in a
+        row of `max_length` tokens. Without `max_length`, `{}`: each call is a row."""
+        if max_length is None:
+            return {}
+        c = capacity(max_length, self.num_experts, self.top_k, self.capacity_factor)
+        return {"counts": ops.zeros((batch, self.num_experts), "int32"), "capacity": ops.array(c, "int32")}
+
+    def call(self, x, training=None, state=None, position=0):
+        """`x` [batch, seq, d] is a whole row. With a `state` holding counts (`initial_state`
+        with a `max_length`), `x` continues that row, whose capacity applies, and `(output,
+        state after x)` is returned."""
         shape = ops.shape(x)
         b, s, d = shape[0], shape[1], x.shape[-1]
         e, k = self.num_experts, self.top_k
-        c = capacity(s if counts is None else row_length, e, k, self.capacity_factor)
+        counts = state.get("counts") if state is not None else None
+        # Buffer slots per expert: the capacity of this row, or in a stateful call one per token.
+        c = capacity(s, e, k, self.capacity_factor) if counts is None else s
         logits, top_i, weights = self.route(x)
 
         # Assignments in token-major order, so all of a token's choices claim slots before the next
         # token's (causal); a slot's position counts the earlier assignments to its expert, dropped or not.
         expert = ops.reshape(top_i, (b, s * k))
         onehot = ops.one_hot(expert, e, dtype="int32")  # [b, sk, E]
-        claimed = ops.cumsum(onehot, axis=1)
-        if counts is not None:
-            counts = ops.cast(counts, "int32")
-            claimed = claimed + ops.expand_dims(counts, 1)
-        position = ops.sum(claimed * onehot, axis=-1) - 1
-        kept = position < c
+        position_in_call = ops.sum(ops.cumsum(onehot, axis=1) * onehot, axis=-1) - 1
+        if counts is None:
+            kept = position_in_call < c
+        else:
+            earlier = ops.sum(ops.expand_dims(ops.cast(counts, "int32"), 1) * onehot, axis=-1)
+            kept = position_in_call + earlier < state["capacity"]
         row_slots = e * c + 1  # the last slot of each row collects the dropped assignments
-        slot = ops.where(kept, expert * c + position, e * c)
+        slot = ops.where(kept, expert * c + position_in_call, e * c)
         rows = ops.expand_dims(ops.arange(b, dtype="int32"), 1)
         flat_slot = ops.reshape(slot + rows * row_slots, (-1,))
         token = ops.repeat(ops.arange(s, dtype="int32"), k)  # the token of each assignment
@@ -205,9 +216,11 @@ class MoEFeedForward(keras.layers.Layer):
 
         if training:
             self._add_losses_and_stats(logits, onehot, kept)
-        if counts is None:
+        if state is None:
             return out
-        return out, counts + ops.sum(onehot, axis=1)
+        if counts is None:
+            return out, state
+        return out, dict(state, counts=ops.cast(counts, "int32") + ops.sum(onehot, axis=1))
 
     def _add_losses_and_stats(self, logits, onehot, kept):
         e = self.num_experts

@@ -7,14 +7,14 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="ultimate_trainer")
 class PreConv(keras.layers.Layer):
-    """Causal: output t sees inputs t-kernel+1..t. `history` holds the normalised
-    inputs before the window (the last `kernel - 1`; zeros at a stream's start),
-    so windows or single decoded tokens continue a stream exactly.
+    """Causal: output t sees inputs t-kernel+1..t. Its state's `history` holds the
+    normalised inputs before the window (the last `kernel - 1`; zeros at a
+    stream's start), so windows or single decoded tokens continue a stream exactly.
 
     Example:
         >>> conv = PreConv(d_model=64)
-        >>> y, history = conv(np.zeros((2, 10, 64), "float32"), return_history=True)
-        >>> y.shape, history.shape
+        >>> y, state = conv(np.zeros((2, 10, 64), "float32"), state=conv.initial_state(2))
+        >>> y.shape, state["history"].shape
         ((2, 10, 64), (2, 3, 64))
     """
 
@@ -29,16 +29,17 @@ class PreConv(keras.layers.Layer):
         self.norm.build(input_shape)
         self.conv.build((None, None, self.d_model))
 
-    def empty_history(self, batch):
-        return ops.zeros((batch, self.kernel_size - 1, self.d_model), "float32")
+    def initial_state(self, batch, max_length=None):
+        """A stream's start: `{"history": zeros [batch, kernel - 1, d_model]}`."""
+        return {"history": ops.zeros((batch, self.kernel_size - 1, self.d_model), "float32")}
 
-    def call(self, x, history=None, return_history=False):
+    def call(self, x, state=None, position=0):
+        """The conv of `x`; with a `state`, continuing it: `(y, state after x)`."""
         normed = ops.cast(self.norm(x), "float32")
-        if history is None:
-            history = self.empty_history(ops.shape(x)[0])
+        history = (state or self.initial_state(ops.shape(x)[0]))["history"]
         padded = ops.concatenate([ops.cast(history, "float32"), normed], axis=1)
         y = ops.cast(self.conv(ops.cast(padded, self.compute_dtype)), x.dtype)
-        return (y, padded[:, -(self.kernel_size - 1):]) if return_history else y
+        return y if state is None else (y, {"history": padded[:, -(self.kernel_size - 1):]})
 
     def get_config(self):
         config = super().get_config()

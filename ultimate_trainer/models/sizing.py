@@ -8,6 +8,7 @@ formula against `model.count_params()` over a grid of flags.
 import dataclasses
 
 from ultimate_trainer.config.parsers import moe_block_indices, ttt_block_indices  # noqa: F401  re-exported
+from ultimate_trainer.config.parsers import parse_lora_targets, ttt_kind
 from ultimate_trainer.config.schema import SIZE_PRESETS  # noqa: F401  re-exported
 
 # SIZE_PRESETS: name -> (d_model, num_layers, num_heads, d_ff); the block index helpers parse flags.
@@ -44,92 +45,119 @@ def block_style(use_rope, use_rmsnorm, use_swiglu):
     return "custom"
 
 
-def count_params(
-    vocab_size,
-    d_model,
-    num_layers,
-    num_heads,
-    d_ff,
-    seq_len,
-    num_kv_heads=None,
-    use_rope=True,
-    use_rmsnorm=True,
-    use_swiglu=True,
-    tie_embeddings=False,
-    lora_rank=0,
-    lora_targets=(),
-    ttt_layer_type=None,
-    ttt_layers=None,
-    ttt_mini_batch_size=16,
-    ttt_use_gate=False,
-    ttt_share_qk=False,
-    ttt_conv_kernel=4,
-    ttt_pre_conv=False,
-    num_experts=0,
-    experts_top_k=2,
-    moe_every=1,
-    use_bias=False,
-):
-    """Exact parameter count of the model `CausalLM` builds for these flags.
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The shape of a `CausalLM`: what its parameters depend on, and nothing else.
 
-    With `lora_rank`, adapters of that rank on `lora_targets` (names from
-    `models/lora.py`) are added and become the only trainable weights. With
-    `ttt_layer_type`, the blocks `ttt_layers` names (all when None) have a
-    TTT layer (`ttt_params`) where the others have attention; `ttt_pre_conv`
-    (the Mamba-style backbone) adds a causal conv before each of them: an
-    RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel. With
-    `num_experts`, every `moe_every`-th block has an MoE feed-forward layer
-    of `num_experts` experts `d_ff` wide (`moe_params`) instead of the MLP;
-    `active` then counts `experts_top_k` experts per MoE block. `use_bias`
-    adds a bias to each attention projection (QKV, output) and dense-MLP
-    projection (up or gate/up, down); TTT layers and experts take none.
+    Derived once from a `ModelConfig` (`from_model_config`); `count_params`
+    reads it. `ttt_layer_type` is the TTT kind (`linear`, `mlp`) or None,
+    `ttt_layers` the TTT blocks ("0,2" or a list; all when None),
+    `ttt_pre_conv` the Mamba-style conv before each TTT layer, `lora_targets`
+    names from `models/lora.py`. See `count_params` for how each counts.
 
     Example:
-        >>> count_params(258, 128, 6, 4, 512, 256).total
+        >>> Architecture(258, 128, 6, 4, 512, 256).num_kv_heads is None
+        True
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    seq_len: int
+    num_kv_heads: int = None
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    use_swiglu: bool = True
+    tie_embeddings: bool = False
+    lora_rank: int = 0
+    lora_targets: tuple = ()
+    ttt_layer_type: str = None
+    ttt_layers: object = None
+    ttt_mini_batch_size: int = 16
+    ttt_use_gate: bool = False
+    ttt_share_qk: bool = False
+    ttt_conv_kernel: int = 4
+    ttt_pre_conv: bool = False
+    num_experts: int = 0
+    experts_top_k: int = 2
+    moe_every: int = 1
+    use_bias: bool = False
+
+    @classmethod
+    def from_model_config(cls, model_cfg, vocab_size):
+        """The architecture a `ModelConfig` builds at `vocab_size`."""
+        m = model_cfg
+        return cls(
+            vocab_size, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len, num_kv_heads=m.num_kv_heads,
+            use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm, use_swiglu=m.use_swiglu,
+            tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
+            lora_rank=m.lora_rank if m.use_lora else 0,
+            lora_targets=parse_lora_targets(m.lora_targets) if m.use_lora else (),
+            ttt_layer_type=ttt_kind(m), ttt_layers=m.ttt_layers,
+            ttt_mini_batch_size=m.ttt_mini_batch_size, ttt_use_gate=m.ttt_use_gate, ttt_share_qk=m.ttt_share_qk,
+            ttt_pre_conv=m.ttt_backbone == "mamba",
+            num_experts=m.num_experts, experts_top_k=m.experts_top_k, moe_every=m.moe_every,
+        )
+
+
+def count_params(arch):
+    """Exact parameter count of the model `CausalLM` builds for an `Architecture`.
+
+    With `lora_rank`, adapters of that rank on `lora_targets` are added and
+    become the only trainable weights. With `ttt_layer_type`, the blocks
+    `ttt_layers` names (all when None) have a TTT layer (`ttt_params`) where
+    the others have attention; `ttt_pre_conv` adds a causal conv before each
+    of them: an RMSNorm scale, `ttt_conv_kernel` taps and a bias per channel.
+    With `num_experts`, every `moe_every`-th block has an MoE feed-forward
+    layer of `num_experts` experts `d_ff` wide (`moe_params`) instead of the
+    MLP; `active` then counts `experts_top_k` experts per MoE block.
+    `use_bias` adds a bias to each attention projection (QKV, output) and
+    dense-MLP projection (up or gate/up, down); TTT layers and experts take none.
+
+    Example:
+        >>> count_params(Architecture(258, 128, 6, 4, 512, 256)).total
         1640576
-        >>> c = count_params(258, 128, 6, 4, 512, 256, num_experts=8, experts_top_k=2)
+        >>> c = count_params(Architecture(258, 128, 6, 4, 512, 256, num_experts=8, experts_top_k=2))
         >>> c.total, c.active
         (9904256, 2826368)
     """
-    num_kv_heads = num_kv_heads or num_heads
-    head_dim = d_model // num_heads
-    norm = d_model if use_rmsnorm else 2 * d_model  # LayerNorm adds a bias.
-    attention = 2 * d_model * d_model + 2 * d_model * num_kv_heads * head_dim
-    mlp_weights = (3 if use_swiglu else 2) * d_model * d_ff
+    a = arch
+    d, num_heads, d_ff = a.d_model, a.num_heads, a.d_ff
+    num_kv_heads = a.num_kv_heads or num_heads
+    head_dim = d // num_heads
+    norm = d if a.use_rmsnorm else 2 * d  # LayerNorm adds a bias.
+    attention = 2 * d * d + 2 * d * num_kv_heads * head_dim
+    mlp_weights = (3 if a.use_swiglu else 2) * d * d_ff
     mlp = mlp_weights
-    if use_bias:
-        attention += (num_heads + 2 * num_kv_heads) * head_dim + d_model
-        mlp += (2 if use_swiglu else 1) * d_ff + d_model
+    if a.use_bias:
+        attention += (num_heads + 2 * num_kv_heads) * head_dim + d
+        mlp += (2 if a.use_swiglu else 1) * d_ff + d
     per_layer = 2 * norm + attention + mlp
-    n_ttt = len(ttt_block_indices(num_layers, ttt_layer_type, ttt_layers))
+    n_ttt = len(ttt_block_indices(a.num_layers, a.ttt_layer_type, a.ttt_layers))
     ttt_extra = n_ttt * (
-        ttt_params(d_model, num_heads, ttt_layer_type, ttt_mini_batch_size, ttt_use_gate, ttt_share_qk, ttt_conv_kernel)
+        ttt_params(d, num_heads, a.ttt_layer_type, a.ttt_mini_batch_size, a.ttt_use_gate, a.ttt_share_qk,
+                   a.ttt_conv_kernel)
         - attention
-        + (d_model * (ttt_conv_kernel + 2) if ttt_pre_conv else 0)
+        + (d * (a.ttt_conv_kernel + 2) if a.ttt_pre_conv else 0)
     ) if n_ttt else 0
-    n_moe = len(moe_block_indices(num_layers, num_experts, moe_every))
-    moe_extra = n_moe * (moe_params(d_model, d_ff, num_experts, use_swiglu) - mlp) if n_moe else 0
-    inactive = n_moe * (num_experts - experts_top_k) * mlp_weights if n_moe else 0
-    token_embedding = vocab_size * d_model
-    position_embedding = 0 if use_rope else seq_len * d_model
-    lm_head = 0 if tie_embeddings else vocab_size * d_model
-    embedding = token_embedding + position_embedding + lm_head
+    n_moe = len(moe_block_indices(a.num_layers, a.num_experts, a.moe_every))
+    moe_extra = n_moe * (moe_params(d, d_ff, a.num_experts, a.use_swiglu) - mlp) if n_moe else 0
+    inactive = n_moe * (a.num_experts - a.experts_top_k) * mlp_weights if n_moe else 0
+    embedding = (a.vocab_size * d + (0 if a.use_rope else a.seq_len * d)  # token and position tables
+                 + (0 if a.tie_embeddings else a.vocab_size * d))  # an untied LM head
     lora_shapes = {  # (in, out) of each target projection
-        "qkv": (d_model, (num_heads + 2 * num_kv_heads) * head_dim),
-        "out": (num_heads * head_dim, d_model),
-        "up": (d_model, (2 if use_swiglu else 1) * d_ff),
-        "down": (d_ff, d_model),
+        "qkv": (d, (num_heads + 2 * num_kv_heads) * head_dim),
+        "out": (num_heads * head_dim, d),
+        "up": (d, (2 if a.use_swiglu else 1) * d_ff),
+        "down": (d_ff, d),
     }
-    lora = num_layers * sum(lora_rank * sum(lora_shapes[t]) for t in lora_targets) if lora_rank else 0
-    non_embedding = num_layers * per_layer + ttt_extra + moe_extra + norm + lora
+    lora_count = a.num_layers * sum(a.lora_rank * sum(lora_shapes[t]) for t in a.lora_targets) if a.lora_rank else 0
+    non_embedding = a.num_layers * per_layer + ttt_extra + moe_extra + norm + lora_count
     total = embedding + non_embedding
-    return ParamCounts(
-        total=total,
-        embedding=embedding,
-        non_embedding=non_embedding,
-        trainable=lora if lora_rank else total,
-        active=total - inactive,
-    )
+    return ParamCounts(total=total, embedding=embedding, non_embedding=non_embedding,
+                       trainable=lora_count if a.lora_rank else total, active=total - inactive)
 
 
 def moe_params(d_model, d_ff, num_experts, use_swiglu=True):
@@ -294,8 +322,8 @@ def solve_target_params(
                 use_rope=use_rope, use_rmsnorm=use_rmsnorm, use_swiglu=use_swiglu, tie_embeddings=tie_embeddings,
                 use_bias=use_bias,
             )
-            fixed = count_params(num_layers=0, **args).total
-            per_layer = count_params(num_layers=1, **args).total - fixed
+            fixed = count_params(Architecture(num_layers=0, **args)).total
+            per_layer = count_params(Architecture(num_layers=1, **args)).total - fixed
             ideal = (target_params - fixed) / per_layer
             for layers in {math.floor(ideal), math.ceil(ideal)}:
                 if layers < min_layers:

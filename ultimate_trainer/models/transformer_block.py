@@ -135,65 +135,29 @@ class TransformerBlock(keras.layers.Layer):
                 layer.build(input_shape)
         self.built = True
 
-    def window_state(self, batch):
-        """A TTT block's state at the start of a stream (a flat tuple; see
-        `TTTLayer.window_state`), or () for an attention block."""
-        if self.ttt is None:
-            return ()
-        pre = (self.pre_conv.empty_history(batch),) if self.pre_conv is not None else ()
-        return pre + self.ttt.window_state(batch)
+    def initial_state(self, batch, max_length=None):
+        """Each stateful sublayer's `initial_state`, by sublayer name (`pre_conv`,
+        `attention` or `ttt`, `mlp` or `moe`). Without `max_length`, only the
+        recurrent parts hold anything: what TTT state passing carries."""
+        return {layer.name: layer.initial_state(batch, max_length)
+                for layer in (self.pre_conv, self.mixer, self.mlp) if layer is not None}
 
-    def call(self, x, training=None, cache=None, cache_index=0, ttt_state=None, return_state=False):
-        if return_state:  # TTT state passing: (x, the block's state after this window, or None)
-            if self.ttt is None:
-                return self.call(x, training=training), None
-            pre_state = ()
-            if self.pre_conv is not None:
-                conv, history = self.pre_conv(x, None if ttt_state is None else ttt_state[0], return_history=True)
-                x, pre_state, ttt_state = x + conv, (history,), None if ttt_state is None else ttt_state[1:]
-            mixed, state = self.ttt(self.attention_norm(x), state=ttt_state, return_state=True)
-            x = x + self.dropout(mixed, training=training)
-            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training), pre_state + state
-        if cache is None:
-            if self.pre_conv is not None:
-                x = x + self.pre_conv(x)
-            x = x + self.dropout(self.mixer(self.attention_norm(x)), training=training)
-            return x + self.dropout(self.mlp(self.mlp_norm(x)), training=training)
-        if self.ttt is not None:
-            raise NotImplementedError("the KV cache is for attention blocks; TTT blocks decode with `decode`")
-        # `cache`: this block's slice of `CausalLM.empty_cache`, {"kv": [b, 2, max_length, ...]} and,
-        # with an MoE model, "expert_counts" [b, E]; the row is the cache's max_length long.
-        attended, kv = self.attention(self.attention_norm(x), cache=cache["kv"], cache_index=cache_index)
-        x = x + attended
-        mlp_out, cache = self._decoding_mlp(self.mlp_norm(x), dict(cache, kv=kv), keras.ops.shape(kv)[2])
-        return x + mlp_out, cache
+    def call(self, x, training=None, state=None, position=0):
+        """x + mix(norm(x)), then x + mlp(norm(x)); with a `state` (`initial_state`),
+        `x` continues it at `position` and `(x, state)` is returned."""
+        new_state = {}
 
-    def _decoding_mlp(self, x, state, row_length):
-        """The MLP of a decoding step; an MoE one continues its row's expert counts."""
-        if not isinstance(self.mlp, MoEFeedForward):
-            return self.mlp(x), state
-        out, counts = self.mlp(x, counts=state["expert_counts"], row_length=row_length)
-        return out, dict(state, expert_counts=counts)
+        def run(layer, h):
+            if state is None:
+                return layer(h)
+            out, new_state[layer.name] = layer(h, state=state[layer.name], position=position)
+            return out
 
-    def initial_decode_state(self, batch):
-        """A TTT block's decoding state: the TTT layer's and the pre-conv's history, and
-        an MoE block's expert counts."""
-        state = {"ttt": self.ttt.initial_state(batch), "pre_conv": None}
-        if isinstance(self.mlp, MoEFeedForward):
-            state["expert_counts"] = keras.ops.zeros((batch, self.mlp.num_experts), "int32")
-        return state
-
-    def decode(self, x, state, row_length):
-        """Tokens x after `state` (`initial_decode_state`) through a TTT block of a row
-        `row_length` tokens long (an MoE block's capacity); returns (x, state)."""
-        history = state["pre_conv"]
         if self.pre_conv is not None:
-            conv, history = self.pre_conv(x, history, return_history=True)
-            x = x + conv
-        mixed, ttt_state = self.ttt.decode(self.attention_norm(x), state["ttt"])
-        x = x + mixed
-        mlp_out, state = self._decoding_mlp(self.mlp_norm(x), state, row_length)
-        return x + mlp_out, dict(state, ttt=ttt_state, pre_conv=history)
+            x = x + run(self.pre_conv, x)
+        x = x + self.dropout(run(self.mixer, self.attention_norm(x)), training=training)
+        x = x + self.dropout(run(self.mlp, self.mlp_norm(x)), training=training)
+        return x if state is None else (x, new_state)
 
     def get_config(self):
         config = super().get_config()

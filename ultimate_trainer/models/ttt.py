@@ -29,7 +29,7 @@ import math
 import keras
 from keras import ops
 
-from ultimate_trainer import backend as backend_lib
+from ultimate_trainer.backend import scan
 
 KINDS = ("linear", "mlp")
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -145,6 +145,18 @@ def _primal_mlp(state, xq, xk, xv, token_scale, lr, gamma, beta):
     return (w1, b1, w2, b2, gw1, gb1, gw2, gb2), ops.concatenate(outs, axis=-2)
 
 
+def _take(inputs, start, stop):
+    """Tokens start:stop of (xq, xk, xv [B,h,n,f], lr [B,h,n])."""
+    return tuple(t[:, :, start:stop] for t in inputs)
+
+
+def _row(table, p):
+    """table[p:p+1] for an int or a traced position."""
+    if isinstance(p, int):
+        return table[p : p + 1]
+    return ops.take(table, ops.reshape(ops.cast(p, "int32"), (1,)), axis=0)
+
+
 def _rope_tables(k, head_dim, theta=10000.0):
     inv = 1.0 / (theta ** (ops.arange(0, head_dim, 2, dtype="float32") / head_dim))
     angles = ops.arange(k, dtype="float32")[:, None] * inv[None, :]
@@ -164,10 +176,9 @@ class TTTLayer(keras.layers.Layer):
     """The TTT sequence-modelling layer: projections, inner TTT model, post-norm, output.
 
     `call(x)` runs the dual form over whole mini-batches (`ops.scan`) and the
-    primal form over a trailing partial one. `decode(x, state)` continues
-    from a decoding state (`initial_state(batch)`) with the primal form and
-    returns `(y, state)`; the state holds a Python position, so it is a
-    method of its own rather than an argument of `call`.
+    primal form over a trailing partial one. `call(x, state, position)`
+    continues a state (`initial_state`) and returns `(y, state)`: windows of
+    a stream in training, a prompt and then single tokens in decoding.
 
     Example:
         >>> layer = TTTLayer(d_model=64, num_heads=4, kind="linear", mini_batch_size=8)
@@ -261,12 +272,18 @@ class TTTLayer(keras.layers.Layer):
         return tuple(ops.broadcast_to(getattr(self, n)[None], (batch,) + tuple(getattr(self, n).shape))
                      for n in names)
 
-    def initial_state(self, batch):
-        """The decoding state before any token: the layer's inner weights, zero
-        gradient sums, and position 0 in the mini-batch."""
-        params = self._params(batch)
-        return {"params": params, "grads": tuple(ops.zeros_like(p) for p in params), "position": 0,
-                "conv": None}  # the share-QK convs' history, set by the first `decode`
+    def initial_state(self, batch, max_length=None):
+        """A stream's start: the learned inner weights per row as `params` (float32)
+        and, with share-QK, the convs' zeroed `qk_history`. With `max_length`
+        (decoding) also zeroed gradient sums (`grads`), so the state can stop and
+        continue inside a mini-batch; without them a stateful call continues only
+        at mini-batch boundaries (state passing: windows of whole mini-batches)."""
+        state = {"params": tuple(ops.cast(p, "float32") for p in self._params(batch))}
+        if max_length is not None:
+            state["grads"] = tuple(ops.zeros_like(p) for p in state["params"])
+        if self.share_qk:
+            state["qk_history"] = ops.zeros((batch, self.conv_kernel - 1, self.d_model), "float32")
+        return state
 
     def _output(self, x, z):
         """Inner output z [B,h,n,f] -> layer output [B,n,d]."""
@@ -279,101 +296,106 @@ class TTTLayer(keras.layers.Layer):
 
     # ---------------------------------------------------------------- forward
 
-    def call(self, x, state=None, return_state=False):
-        """`state`: where the previous window of the same stream left off (a tuple
-        as `return_state` gives, see `window_state`); by default the start of a
-        stream. Gradients flow into a given state: stop them for truncated
-        backpropagation. With `return_state`, returns `(y, state)`: the inner
-        weights after the last whole mini-batch (and the share-QK convs' last
-        inputs), the state the next window starts from.
+    def call(self, x, state=None, position=0):
+        """The layer over `x`, from a stream's start; with a `state` (`initial_state`),
+        continuing it at `position` (only `position % mini_batch_size` matters),
+        returning `(y, state after x)`. Gradients flow into a given state: stop
+        them for truncated backpropagation. A state without `grads` ends after the
+        last whole mini-batch of `x`. A Python `position` runs the primal form up to
+        the next mini-batch boundary, the dual form over whole mini-batches and the
+        primal form over the rest; a traced one (a compiled decoding step) runs
+        the primal form token by token.
         """
-        n_params = 2 if self.kind == "linear" else 4
-        history = state[n_params] if state is not None and self.share_qk else None
-        xq, xk, xv, history = self._projections(x, history)
+        stateful = state is not None
+        state = state if stateful else self.initial_state(ops.shape(x)[0])
+        xq, xk, xv, history = self._projections(x, state.get("qk_history"))
         xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))  # the inner loop runs in float32
-        lr = self._lr(x)
-        scale = self._token_scale()
+        inputs = (xq, xk, xv, self._lr(x))
+        params = tuple(ops.cast(p, "float32") for p in state["params"])
+        grads = state.get("grads")
+        grads = tuple(ops.zeros_like(p) for p in params) if grads is None else tuple(grads)
         n, k = x.shape[1], self.mini_batch_size
-        full = (n // k) * k
-        cos, sin = _rope_tables(k, self.head_dim, self.rope_theta)
-        gamma, beta = ops.cast(self.ttt_gamma, "float32"), ops.cast(self.ttt_beta, "float32")
-        if state is None:
-            params = tuple(ops.cast(p, "float32") for p in self._params(ops.shape(x)[0]))
-        else:
-            params = tuple(ops.cast(p, "float32") for p in state[:n_params])
+        head = min((-position) % k, n) if isinstance(position, int) else n
+        if head and "grads" not in state:
+            raise ValueError(f"a state without gradient sums continues at a mini-batch boundary, not at {position}; "
+                             "make it with `initial_state(batch, max_length)` to stop inside a mini-batch")
+        full = (n - head) // k * k
         outputs = []
+        if head:
+            params, grads, z = self._primal_tokens(params, grads, _take(inputs, 0, head), position)
+            outputs.append(z)
         if full:
-            m = full // k
-
-            def blocks(t):  # [B,h,full,f] -> [m, B,h,K,f]
-                b_, h_, _, f_ = ops.shape(t)[0], t.shape[1], t.shape[2], t.shape[3]
-                return ops.transpose(ops.reshape(t[:, :, :full], (b_, h_, m, k, f_)), (2, 0, 1, 3, 4))
-
-            q_blocks = _rope(blocks(xq), cos, sin)
-            k_blocks = _rope(blocks(xk), cos, sin)
-            v_blocks = blocks(xv)
-            lr_blocks = ops.transpose(ops.reshape(lr[:, :, :full], (ops.shape(lr)[0], self.num_heads, m, k)),
-                                      (2, 0, 1, 3))
-            dual = _dual_linear if self.kind == "linear" else _dual_mlp
-
-            def step(carry, inputs):
-                q, k_, v, lr_ = inputs
-                eta = scale[:, None] * lr_[..., None, :]  # [B,h,K,K]: token_scale_i · lr_j
-                carry, z = dual(carry, q, k_, v, eta, gamma, beta)
-                return carry, q + layer_norm(z, gamma, beta)
-
-            params, z = backend_lib.scan(step, params, (q_blocks, k_blocks, v_blocks, lr_blocks),
-                                         ops.zeros_like(q_blocks[0]))
-            z = ops.transpose(z, (1, 2, 0, 3, 4))
-            outputs.append(ops.reshape(z, (ops.shape(z)[0], self.num_heads, full, self.head_dim)))
-        if n > full:
-            rest = n - full
-            q = _rope(xq[:, :, full:], cos[:rest], sin[:rest])
-            k_ = _rope(xk[:, :, full:], cos[:rest], sin[:rest])
-            primal = _primal_linear if self.kind == "linear" else _primal_mlp
-            _, z = primal(params + tuple(ops.zeros_like(p) for p in params), q, k_, xv[:, :, full:],
-                          scale[:rest], lr[:, :, full:], gamma, beta)
-            outputs.append(q + layer_norm(z, gamma, beta))
-        z = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2)
-        y = self._output(x, z)
-        if not return_state:
+            params, z = self._dual_blocks(params, _take(inputs, head, head + full))
+            outputs.append(z)
+        if n > head + full:
+            ended = params  # the weights after the last whole mini-batch
+            params, grads, z = self._primal_tokens(params, grads, _take(inputs, head + full, n), 0)
+            outputs.append(z)
+        else:
+            ended = params
+        y = self._output(x, outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2))
+        if not stateful:
             return y
-        return y, params + ((ops.cast(history, "float32"),) if self.share_qk else ())
-
-    def window_state(self, batch):
-        """The state at the start of a stream, in the form `call(state=...)`
-        takes: the learned inner weights per row (and zeroed conv history)."""
-        params = tuple(ops.cast(p, "float32") for p in self._params(batch))
+        new = {"params": params, "grads": grads} if "grads" in state else {"params": ended}
         if self.share_qk:
-            params += (ops.zeros((batch, self.conv_kernel - 1, self.d_model), "float32"),)
-        return params
+            new["qk_history"] = ops.cast(history, "float32")
+        return y, new
 
-    def decode(self, x, state):
-        """Tokens x [B,n,d] after `state`, with the primal form; returns (y, state)."""
-        xq, xk, xv, history = self._projections(x, state["conv"])
-        xq, xk, xv = (ops.cast(t, "float32") for t in (xq, xk, xv))
-        lr = self._lr(x)
-        scale = self._token_scale()
-        cos, sin = _rope_tables(self.mini_batch_size, self.head_dim, self.rope_theta)
-        gamma, beta = ops.cast(self.ttt_gamma, "float32"), ops.cast(self.ttt_beta, "float32")
+    def _inner_constants(self):
+        k = self.mini_batch_size
+        cos, sin = _rope_tables(k, self.head_dim, self.rope_theta)
+        return self._token_scale(), cos, sin, ops.cast(self.ttt_gamma, "float32"), ops.cast(self.ttt_beta, "float32")
+
+    def _dual_blocks(self, params, inputs):
+        """Whole mini-batches, from their first token, in the dual form: (params after, z)."""
+        xq, xk, xv, lr = inputs
+        scale, cos, sin, gamma, beta = self._inner_constants()
+        k, n = self.mini_batch_size, xq.shape[2]
+        m = n // k
+
+        def blocks(t):  # [B,h,n,f] -> [m, B,h,K,f]
+            return ops.transpose(ops.reshape(t, (ops.shape(t)[0], t.shape[1], m, k, t.shape[3])), (2, 0, 1, 3, 4))
+
+        q_blocks, k_blocks = _rope(blocks(xq), cos, sin), _rope(blocks(xk), cos, sin)
+        lr_blocks = ops.transpose(ops.reshape(lr, (ops.shape(lr)[0], self.num_heads, m, k)), (2, 0, 1, 3))
+        dual = _dual_linear if self.kind == "linear" else _dual_mlp
+
+        def step(carry, block):
+            q, k_, v, lr_ = block
+            eta = scale[:, None] * lr_[..., None, :]  # [B,h,K,K]: token_scale_i · lr_j
+            carry, z = dual(carry, q, k_, v, eta, gamma, beta)
+            return carry, q + layer_norm(z, gamma, beta)
+
+        params, z = scan(step, params, (q_blocks, k_blocks, blocks(xv), lr_blocks),
+                                     ops.zeros_like(q_blocks[0]))
+        z = ops.transpose(z, (1, 2, 0, 3, 4))
+        return params, ops.reshape(z, (ops.shape(z)[0], self.num_heads, n, self.head_dim))
+
+    def _primal_tokens(self, params, grads, inputs, position):
+        """Tokens one at a time from `position` (an int or a traced scalar) in the
+        primal form; a token that completes a mini-batch takes its step."""
+        xq, xk, xv, lr = inputs
+        scale, cos, sin, gamma, beta = self._inner_constants()
+        k = self.mini_batch_size
         primal = _primal_linear if self.kind == "linear" else _primal_mlp
-        params, grads, position = state["params"], state["grads"], state["position"]
         outs = []
-        for i in range(x.shape[1]):
-            p = position % self.mini_batch_size
-            q = _rope(xq[:, :, i : i + 1], cos[p : p + 1], sin[p : p + 1])
-            k_ = _rope(xk[:, :, i : i + 1], cos[p : p + 1], sin[p : p + 1])
-            carry, z = primal(params + grads, q, k_, xv[:, :, i : i + 1], scale[p : p + 1], lr[:, :, i : i + 1],
+        for i in range(xq.shape[2]):
+            p = (position + i) % k
+            q = _rope(xq[:, :, i : i + 1], _row(cos, p), _row(sin, p))
+            k_ = _rope(xk[:, :, i : i + 1], _row(cos, p), _row(sin, p))
+            carry, z = primal(params + grads, q, k_, xv[:, :, i : i + 1], _row(scale, p), lr[:, :, i : i + 1],
                               gamma, beta)
             params, grads = carry[: len(params)], carry[len(params):]
             outs.append(q + layer_norm(z, gamma, beta))
-            position += 1
-            if position % self.mini_batch_size == 0:  # the mini-batch is complete: take its step
-                s = scale[self.mini_batch_size - 1]
-                params = tuple(w - s * g for w, g in zip(params, grads))
-                grads = tuple(ops.zeros_like(g) for g in grads)
-        y = self._output(x, ops.concatenate(outs, axis=2))
-        return y, {"params": params, "grads": grads, "position": position, "conv": history}
+            stepped = tuple(w - scale[k - 1] * g for w, g in zip(params, grads))
+            if isinstance(p, int):
+                if p == k - 1:  # the mini-batch is complete: take its step
+                    params, grads = stepped, tuple(ops.zeros_like(g) for g in grads)
+            else:
+                done = ops.equal(p, k - 1)
+                params = tuple(ops.where(done, s_, w) for s_, w in zip(stepped, params))
+                grads = tuple(ops.where(done, ops.zeros_like(g), g) for g in grads)
+        return params, grads, ops.concatenate(outs, axis=2)
 
     def get_config(self):
         config = super().get_config()

@@ -1,8 +1,12 @@
 """Text generation from a trained `CausalLM`: greedy, temperature, top-k and top-p.
 
-With the KV cache (the default) the prompt is run once and each new token
-costs one position; without it every token recomputes the whole window at
-one fixed shape (compiled once), which is what the cache is measured against.
+With the cache (the default) the prompt is run once and each new token
+costs one position: the model's state (`CausalLM.initial_state`) holds the
+attention blocks' keys and values and the TTT blocks' inner weights. The
+prompt runs eagerly (a TTT block splits it into mini-batches at Python
+positions), each further token through one compiled step. Without the
+cache every token recomputes the whole window at one fixed shape (compiled
+once), which is what the cache is measured against.
 """
 
 import time
@@ -21,12 +25,7 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
     """
     rng = np.random.default_rng(seed)
     ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[-model.seq_len:]
-    if not use_cache:
-        step = _recomputed_steps
-    elif getattr(model, "ttt", None):
-        step = _stateful_steps  # TTT blocks keep inner weights, not keys and values
-    else:
-        step = _cached_steps
+    step = _cached_steps if use_cache else _recomputed_steps
     start = time.perf_counter()
     generated = []
     with no_grad():  # the steps run inside (generators)
@@ -46,31 +45,16 @@ def _cached_steps(model, tokenizer, ids, max_new_tokens, generated):
 
     from ultimate_trainer.backend import compile_model_fn
 
-    call = compile_model_fn(model, model.call_with_cache)  # two shapes: the prompt, then one token
-    cache = model.empty_cache(1)
-    logits, cache = call(np.array([ids], dtype="int32"), cache, np.int32(0))
+    call = compile_model_fn(model, model.call_with_state)  # one shape: a token
+    state = model.initial_state(1, max_length=model.seq_len)
+    logits, state = model.call_with_state(np.array([ids], dtype="int32"), state, 0)
     position = len(ids)
     while True:
         yield keras.ops.convert_to_numpy(logits[0, -1])
         # `generate` has appended the token it picked (or stopped iterating).
         if len(generated) >= max_new_tokens or position >= model.seq_len:
             return  # the cache holds seq_len positions, the longest context the model trained on
-        logits, cache = call(np.array([[generated[-1]]], dtype="int32"), cache, np.int32(position))
-        position += 1
-
-
-def _stateful_steps(model, tokenizer, ids, max_new_tokens, generated):
-    """`CausalLM.decode`, eagerly: its TTT states carry Python positions, so it is not compiled."""
-    import keras
-
-    states = model.initial_decode_state(1)
-    logits, states = model.decode(np.array([ids], dtype="int32"), states, 0)
-    position = len(ids)
-    while True:
-        yield keras.ops.convert_to_numpy(logits[0, -1])
-        if len(generated) >= max_new_tokens or position >= model.seq_len:
-            return  # attention blocks' caches hold seq_len positions
-        logits, states = model.decode(np.array([[generated[-1]]], dtype="int32"), states, position)
+        logits, state = call(np.array([[generated[-1]]], dtype="int32"), state, np.int32(position))
         position += 1
 
 

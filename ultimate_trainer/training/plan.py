@@ -29,31 +29,7 @@ def lora_targets(model_cfg):
 
 def model_summary(model_cfg, vocab_size):
     m = model_cfg
-    counts = sizing.count_params(
-        vocab_size,
-        m.d_model,
-        m.num_layers,
-        m.num_heads,
-        m.d_ff,
-        m.seq_len,
-        num_kv_heads=m.num_kv_heads,
-        use_rope=m.use_rope,
-        use_rmsnorm=m.use_rmsnorm,
-        use_swiglu=m.use_swiglu,
-        tie_embeddings=m.tie_embeddings,
-        use_bias=m.use_bias,
-        lora_rank=m.lora_rank if m.use_lora else 0,
-        lora_targets=lora_targets(m),
-        ttt_layer_type=ttt_kind(m),
-        ttt_layers=m.ttt_layers,
-        ttt_mini_batch_size=m.ttt_mini_batch_size,
-        ttt_use_gate=m.ttt_use_gate,
-        ttt_share_qk=m.ttt_share_qk,
-        ttt_pre_conv=m.ttt_backbone == "mamba",
-        num_experts=m.num_experts,
-        experts_top_k=m.experts_top_k,
-        moe_every=m.moe_every,
-    )
+    counts = sizing.count_params(sizing.Architecture.from_model_config(m, vocab_size))
     moe_blocks = sizing.moe_block_indices(m.num_layers, m.num_experts, m.moe_every)
     ttt_blocks = sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers)
     architecture = {

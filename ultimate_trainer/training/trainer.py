@@ -339,10 +339,9 @@ class Trainer:
     def build(self):
         """The model, initialised from --init-from, with LoRA adapters, checked against the plan's counts."""
         m = self.cfg.model
-        model = build_causal_lm(m, self.tokenizer.vocab_size, state_passing_rows=self.micro if m.state_passing else None)
-        if m.state_passing:
-            # Each stream holds this many windows; the carried states restart with the streams every epoch.
-            model.stream_windows = self.inputs.windows_per_row
+        # With state passing, each stream holds windows_per_row windows; the carried states restart with them.
+        model = build_causal_lm(m, self.tokenizer.vocab_size, state_passing_rows=self.micro if m.state_passing else None,
+                                stream_windows=self.inputs.windows_per_row if m.state_passing else None)
         if m.init_from:
             init_from(model, m.init_from)
             say(f"initialised from {m.init_from}")
