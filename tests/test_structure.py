@@ -13,7 +13,6 @@ _spec = importlib.util.spec_from_file_location("import_graph", REPO / "tools" / 
 graph = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(graph)
 
-IN_PROGRESS = pytest.mark.xfail(strict=False, reason="issue 22: in progress on the other branches")
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +93,17 @@ def test_each_import_in_a_function_needs_a_reason_of_a_known_kind(tmp_path):
 
 # The package itself.
 
-@IN_PROGRESS
 def test_the_package_has_no_import_cycle(modules):
     found = graph.cycles(graph.import_graph(modules))
     assert not found, "import cycles (python tools/import_graph.py):\n" + "\n".join(
         f"{', '.join(members)}: e.g. {' -> '.join(cycle)}" for members, cycle in found)
 
 
-@IN_PROGRESS
 def test_no_function_is_longer_than_80_lines(modules):
     long = graph.long_functions(modules)
     assert not long, "\n".join(f"{where} {name}: {length} lines" for where, name, length in long)
 
 
-@IN_PROGRESS
 def test_every_import_inside_a_function_says_why(modules):
     missing = [f"{where} {statement}" for where, statement, reason in graph.function_imports(modules) if not reason]
     assert not missing, (f"{len(missing)} imports inside functions without a `# heavy:`, `# optional:` or `# lazy:` "

@@ -29,6 +29,7 @@ import dataclasses
 import math
 import re
 
+from ultimate_trainer.backend import accelerator, bf16_unsupported_reason
 from ultimate_trainer.config.derived import trains_in_bfloat16
 from ultimate_trainer.config.parsers import BATCH, MODEL, cluster_settings, parse_mesh
 from ultimate_trainer.errors import UserError
@@ -148,7 +149,7 @@ class Distribution:
     def barrier(self, name):
         """Waits until every process of the cluster gets here (no-op in one process)."""
         if self.joined:
-            from jax.experimental import multihost_utils
+            from jax.experimental import multihost_utils  # optional: jax, only in a multi-process jax run
 
             multihost_utils.sync_global_devices(name)
 
@@ -179,6 +180,7 @@ class Distribution:
         if not self.joined:
             yield
             return
+        # heavy: keras and jax, only in a multi-process run (the plan and cost import this module keras-free)
         import keras
         from jax.experimental import multihost_utils
 
@@ -198,7 +200,7 @@ class Distribution:
         not depend on the number of processes."""
         if self.num_processes == 1:
             return dataset
-        import tensorflow as tf
+        import tensorflow as tf  # heavy: only a multi-process run shards its dataset
 
         first, stop = self.local_rows
         parts = self.data_parallel
@@ -251,7 +253,7 @@ def setup(cfg, dry_run=False):
     distribution; call before anything asks jax for its devices. A dry run
     does not join a cluster: it assumes every process has this one's devices.
     Returns a `Distribution`."""
-    import keras
+    import keras  # heavy: the plan and cost import this module keras-free; setup runs once the backend is chosen
 
     d = cfg.distribution
     backend = keras.backend.backend()
@@ -299,7 +301,7 @@ def setup(cfg, dry_run=False):
 def _local_rows(device_mesh, data_parallel):
     """(first, stop) batch slices held by this process's devices; they must be
     contiguous for a process to feed its rows as one block."""
-    import jax
+    import jax  # optional: jax, the only backend with a device mesh here
 
     sharding = jax.sharding.NamedSharding(device_mesh.backend_mesh, jax.sharding.PartitionSpec(BATCH))
     held = sorted({index[0].start or 0 for index in sharding.addressable_devices_indices_map((data_parallel,)).values()})
@@ -321,7 +323,7 @@ def keras_distribution(mode, device_mesh, layout_map, mesh):
         strategy = keras_distribution("model", mesh, get_layout_map(mesh), {"batch": 2, "model": 2})
         keras.distribution.set_distribution(strategy)
     """
-    import keras
+    import keras  # heavy: the plan and cost import this module keras-free
 
     def fitted(self, variable):
         if getattr(variable, "_layout", None) is not None:
@@ -348,7 +350,7 @@ def keras_distribution(mode, device_mesh, layout_map, mesh):
 
 
 def _setup_tensorflow(d):
-    import tensorflow as tf
+    import tensorflow as tf  # heavy: a tensorflow run only
 
     mode = d.distribution
     if mode in ("fsdp", "model"):
@@ -472,8 +474,6 @@ def device_defaults(cfg, devices):
     Example:
         line = device_defaults(cfg, backend.describe_devices())
     """
-    from ultimate_trainer.backend import accelerator, bf16_unsupported_reason
-
     accel = accelerator(devices["devices"])
     if accel is None:
         return None

@@ -246,7 +246,7 @@ def load_model_weights(model, checkpoint_dir):
     if rows == model.state_passing_rows:
         model.load_weights(directory / MODEL_FILE)
         return
-    from ultimate_trainer.models.causal_lm import CausalLM
+    from ultimate_trainer.models.causal_lm import CausalLM  # heavy: the model imports keras; resume reads this module first
 
     donor = CausalLM.from_config(dict(model.get_config(), state_passing_rows=rows))
     donor.build((None, model.seq_len))
@@ -266,7 +266,7 @@ def rng_state(model):
     They are not weights, so `model.save` leaves them out; an exact resume
     needs them.
     """
-    import keras
+    import keras  # heavy: resume and the config read this module before the backend is chosen
 
     return [keras.ops.convert_to_numpy(v).tolist() for v in model.variables if "seed_generator_state" in v.path]
 
@@ -287,10 +287,12 @@ def load_model(checkpoint_dir):
         model, tokenizer = load_model("output_ultimate/checkpoint-170")
         logits = model(np.array([tokenizer.encode("def ")]))
     """
+    # heavy: keras, tensorflow and the model load only when a model is loaded
     import keras
 
+    # heavy: tensorflow and keras; importing causal_lm registers the model classes
     from ultimate_trainer.data.tokenizers import load_tokenizer
-    from ultimate_trainer.models import causal_lm  # noqa: F401  registers the classes
+    from ultimate_trainer.models import causal_lm  # noqa: F401
 
     path = Path(checkpoint_dir) / MODEL_FILE
     if not path.is_file():

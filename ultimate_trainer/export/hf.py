@@ -26,6 +26,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ultimate_trainer.errors import UserError
 
 INSTALL_HINT = 'pip install "ultimate_trainer[hf]" (transformers and safetensors)'
@@ -59,7 +61,7 @@ def export_hf(model, tokenizer, out_dir):
         )
     out = check_output_dir(out_dir)
     hf_model = to_transformers(model, tokenizer)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # optional: transformers (the [hf] extra)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -83,9 +85,8 @@ def export_hf(model, tokenizer, out_dir):
 
 def to_transformers(model, tokenizer=None):
     """Returns the transformers torch model (CPU, float32) holding `model`'s weights."""
-    import numpy as np
-
     try:
+        # optional: torch and transformers (the [hf] extra)
         import torch
         import transformers
     except ImportError as e:
@@ -138,7 +139,7 @@ def _token_ids(model, tokenizer):
 
 def _np(variable):
     # A Dense layer's `kernel` already adds a LoRA adapter's A @ B * alpha / rank: adapters are merged.
-    import keras
+    import keras  # heavy: the CLI imports this module before the backend is chosen
 
     return keras.ops.convert_to_numpy(variable).astype("float32")
 
@@ -260,8 +261,6 @@ def _gpt2_config(model, transformers, **token_ids):
 
 def _bias(dense):
     """A Dense layer's bias, or zeros where the model has none (GPT-2 always has one)."""
-    import numpy as np
-
     return _np(dense.bias) if dense.use_bias else np.zeros(dense.units, "float32")
 
 

@@ -40,7 +40,7 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
             keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
         model = build_causal_lm(model_cfg, vocab_size)   # weights created sharded
     """
-    import keras  # here, not above: distribution.py imports this module before the backend is chosen
+    import keras  # heavy: here, not above: distribution.py imports this module before the backend is chosen
 
     axes = device_mesh.axis_names
     m = model_parallel_dim_name if model_parallel_dim_name in axes else None

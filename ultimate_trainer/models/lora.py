@@ -64,7 +64,7 @@ def lora_weights(model):
 
 def save_lora(model, directory, rank, alpha, targets):
     """Writes the adapters alone (`lora_adapter.npz` + `lora_config.json`) into `directory`."""
-    import keras  # here, not above: the plan reads this module's names on --dry-run, without keras
+    import keras  # heavy: here, not above: the plan reads this module's names on --dry-run, without keras
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ formula against `model.count_params()` over a grid of flags.
 """
 
 import dataclasses
+import math
 
 from ultimate_trainer.config.parsers import moe_block_indices, ttt_block_indices  # noqa: F401  re-exported
 from ultimate_trainer.config.parsers import parse_lora_targets, ttt_kind
@@ -294,8 +295,6 @@ def solve_target_params(
         >>> abs(s.deviation) < 0.02
         True
     """
-    import math
-
     if prefer_depth:
         default = solve_target_params(
             target_params, vocab_size, seq_len, use_rope, use_rmsnorm, use_swiglu, tie_embeddings,

@@ -11,9 +11,10 @@ once), which is what the cache is measured against.
 
 import time
 
+import keras
 import numpy as np
 
-from ultimate_trainer.backend import no_grad
+from ultimate_trainer.backend import compile_model_fn, no_grad
 
 
 def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_k=40, top_p=1.0, seed=0,
@@ -41,10 +42,6 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.8, top_
 
 
 def _cached_steps(model, tokenizer, ids, max_new_tokens, generated):
-    import keras
-
-    from ultimate_trainer.backend import compile_model_fn
-
     call = compile_model_fn(model, model.call_with_state)  # one shape: a token
     state = model.initial_state(1, max_length=model.seq_len)
     logits, state = model.call_with_state(np.array([ids], dtype="int32"), state, 0)
