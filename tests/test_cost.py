@@ -171,7 +171,7 @@ def test_recipes_price_llama_1_36b_in_bfloat16_near_6_n_d():
     m, t = cfg.model, cfg.training
     d, layers, f, vocab = m.d_model, m.num_layers, m.d_ff, config_lib.planned_vocab_size(cfg)
     kv = (m.num_kv_heads or m.num_heads) * (d // m.num_heads)
-    assert m.use_swiglu and m.use_rmsnorm and m.use_rope and not m.num_experts
+    assert m.swiglu and m.rmsnorm and m.rope and not m.num_experts
     # A LLaMA block: 2 RMSNorm scales, q and o (d x d), k and v (d x kv), SwiGLU (3 x d x f); the final
     # norm; the token table and, untied, the LM head.
     n = layers * (2 * d + 2 * d * d + 2 * d * kv + 3 * d * f) + d + vocab * d * (1 if m.tie_embeddings else 2)

@@ -58,7 +58,7 @@ EQUIVALENT_FLAGS = {
     "training.optimizer": "muon", "output.save_every": 50, "output.save_total_limit": 2,
     "data.dataset_id": "HuggingFaceFW/fineweb", "data.dataset_config": "sample-10BT",
     "data.max_train_examples": 1000, "loader.tokenize_on_fly": True, "loader.use_streaming": True,
-    "loader.num_workers": 2, "output.eval_enabled": True, "output.eval_steps": 5, "output.eval_every": 25,
+    "loader.num_workers": 2, "output.eval": True, "output.eval_steps": 5, "output.eval_every": 25,
     "optimization.use_mixed_precision": True,
 }
 
@@ -129,7 +129,7 @@ def test_bad_recipe_keys_say_what_to_fix(tmp_path, text, message):
     ({"model.num_experts": 4, "model.router_z_loss_coef": -0.1}, "--router-z-loss-coef must be zero or positive"),
     ({"model.num_experts": 4, "model.use_lora": True, "model.lora_targets": "qkv,up"},
      "--lora-targets up adapts the dense MLP"),
-    ({"output.eval_enabled": False, "output.eval_every": 10}, "--eval-every schedules validation"),
+    ({"output.eval": False, "output.eval_every": 10}, "--eval-every schedules validation"),
     ({"loader.num_workers": 0}, "--num-workers must be a positive number"),
     ({"training.optimizer": "sgd", "training.weight_decay": 0.1}, "applies to --optimizer adamw and muon only"),
 ])

@@ -31,6 +31,11 @@ Example:
     python tools/bench_train.py --precisions float32,bfloat16 --steps 3 --windows 4 --repeats tiny=2   # full run
     python tools/bench_train.py --windows 4 --steps 5 --json results.json
     python tools/bench_train.py --shapes tiny,moe-tiny --impls ours --backends jax   # MoE vs dense
+    python tools/bench_train.py --trees before=../old-checkout,after=. --repeats small=2   # a change's cost
+
+`--trees NAME=PATH,...` runs the CLI (small) from each source tree in turn
+(A, B, A, B: a slow spell of the machine falls on both) and prints each
+tree's tokens/s as a ratio to the first's: a refactor must not cost speed.
 
 `jax_optax` needs optax (`pip install -e ".[bench]"`).
 """
@@ -302,7 +307,9 @@ def _cli_worker(args):
                "--peak-flops", str(args.peak_flops), "--output-dir", out]
         if args.mixed_precision:
             cmd.append("--use-mixed-precision")
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        tree = os.environ.get("UT_BENCH_TREE")  # --trees: the program comes from that checkout
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode:
             raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
         with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -502,7 +509,7 @@ def _parse_repeats(text, parser):
     return repeats
 
 
-def _run_worker(args, impl, backend, shape, precision, work_dir):
+def _run_worker(args, impl, backend, shape, precision, work_dir, tree=None):
     """One worker process; its result, or None (said on stderr) when it failed."""
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--shape", shape,
            "--steps", str(args.steps), "--windows", str(args.windows),
@@ -510,6 +517,8 @@ def _run_worker(args, impl, backend, shape, precision, work_dir):
            "--steps-per-execution", str(args.steps_per_execution), "--work-dir", work_dir]
     cmd += ["--mixed-precision"] if precision == "bfloat16" else []
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if tree:
+        env["UT_BENCH_TREE"] = tree
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         print(f"{backend} {shape} {impl} {precision}: failed\n{(out.stdout + out.stderr)[-3000:]}", file=sys.stderr)
@@ -536,6 +545,39 @@ def _print_result(result, suffix=""):
           f"(window spread {100 * spread:.0f}%{suffix})", flush=True)
 
 
+def _parse_trees(text, parser):
+    """`before=../old,after=.` -> [("before", "../old"), ("after", ".")], each a source checkout."""
+    trees = []
+    for item in filter(None, (text or "").split(",")):
+        name, _, path = item.partition("=")
+        if not name or not os.path.isfile(os.path.join(path, "ultimate_trainer", "__main__.py")):
+            parser.error(f"--trees takes NAME=PATH pairs, each PATH a checkout holding ultimate_trainer/, not {item!r}")
+        trees.append((name, path))
+    if len(trees) < 2:
+        parser.error("--trees needs at least two NAME=PATH pairs to compare")
+    return trees
+
+
+def compare_trees(args, trees, repeats, work_dir):
+    """The CLI (small) from each tree, alternating, per backend; prints tokens/s and the ratio to the first tree."""
+    lines = ["| backend | " + " | ".join(f"{name} tok/s" for name, _ in trees)
+             + " | " + " | ".join(f"{name} / {trees[0][0]}" for name, _ in trees[1:]) + " |",
+             "|---|" + "---|" * (2 * len(trees) - 1)]
+    for backend in args.backends.split(","):
+        runs = {name: [] for name, _ in trees}
+        for attempt in range(repeats.get("small", 1)):
+            for name, path in trees:
+                result = _run_worker(args, "cli", backend, "small", "float32", work_dir, tree=path)
+                if result is not None:
+                    runs[name].append(result)
+                    _print_result(result, f", tree {name}, run {attempt + 1}")
+        merged = {name: _merge(done, args.peak_flops) if done else None for name, done in runs.items()}
+        first = merged[trees[0][0]]
+        lines.append(f"| {backend} | " + " | ".join(_cell(merged[name]) for name, _ in trees) + " | "
+                     + " | ".join(_ratio(merged[name], first) for name, _ in trees[1:]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="jax,torch,tensorflow")
@@ -552,6 +594,7 @@ def main(argv=None):
                         help="run each cell of these shapes N times, going round the implementations, and "
                              "take the median of all their windows (e.g. tiny=2)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--trees", help="NAME=PATH,NAME=PATH: compare the CLI (small) run from these source checkouts")
     parser.add_argument("--jit-compile", default="auto", choices=["auto", "true", "false"],
                         help="Keras `compile(jit_compile=...)` for the fit-based runs (default: a real run's for ours, "
                              "Keras' for keras-hub)")
@@ -572,6 +615,12 @@ def main(argv=None):
     repeats = _parse_repeats(args.repeats, parser)
     results = []
     work_dir = tempfile.mkdtemp(prefix="bench_train_")
+    if args.trees:
+        table = compare_trees(args, _parse_trees(args.trees, parser), repeats, work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {args.steps} steps x {args.windows} windows")
+        print(table)
+        return 0
     for backend in args.backends.split(","):
         for shape in args.shapes.split(","):
             for precision in precisions:

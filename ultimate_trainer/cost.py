@@ -44,7 +44,7 @@ GIB = 2**30
 COST_FIELDS = frozenset(
     [f"model.{name}" for name in (
         "model_preset", "target_params", "prefer_depth", "d_model", "num_layers", "num_heads", "num_kv_heads",
-        "d_ff", "seq_len", "dropout_rate", "activation", "use_rmsnorm", "use_swiglu", "use_rope",
+        "d_ff", "seq_len", "dropout_rate", "activation", "rmsnorm", "swiglu", "rope",
         "flash_attention", "tie_embeddings", "use_bias", "use_lora", "lora_rank", "lora_targets", "ttt_layer_type",
         "ttt_layers", "ttt_mini_batch_size", "ttt_use_gate", "ttt_share_qk", "ttt_backbone", "num_experts",
         "experts_top_k", "moe_every", "capacity_factor")]
@@ -205,7 +205,7 @@ def _activation_elements(m, vocab_size):
     kind = config_lib.ttt_kind(m)
     ttt = set(sizing.ttt_block_indices(m.num_layers, kind, m.ttt_layers))
     moe = set(sizing.moe_block_indices(m.num_layers, m.num_experts, m.moe_every))
-    mlp_wide = 4 * m.d_ff if m.use_swiglu else 2 * m.d_ff
+    mlp_wide = 4 * m.d_ff if m.swiglu else 2 * m.d_ff
     blocks = []
     for i in range(m.num_layers):
         if i in ttt:

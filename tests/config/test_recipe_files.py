@@ -46,3 +46,21 @@ def test_recipe_choice_values_are_checked(tmp_path):
     recipe.write_text("tokenizer:\n  tokenizer: sentencepiece\n  tokenizer_model: wordpiece\n")
     with pytest.raises(UserError, match="--tokenizer-model 'wordpiece' is not one of bpe, unigram"):
         resolve_config({"run.config": str(recipe)})
+
+
+def test_the_renamed_fields_old_names_still_read_in_recipes_and_saved_runs(tmp_path):
+    # use_rope/use_rmsnorm/use_swiglu/eval_enabled became rope/rmsnorm/swiglu/eval, to read like
+    # --no-rope/--no-rmsnorm/--no-swiglu/--no-eval; a recipe or a run saved with the old names means the same.
+    from ultimate_trainer.config import RunSpec
+    from ultimate_trainer.config.recipe_files import load_recipe
+
+    sectioned = tmp_path / "old.yaml"
+    sectioned.write_text("model: {use_rope: false, use_rmsnorm: false}\noutput: {eval_enabled: false}\n")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("use_swiglu: false\n")
+    assert load_recipe(sectioned) == {"model.rope": False, "model.rmsnorm": False, "output.eval": False}
+    assert load_recipe(flat) == {"model.swiglu": False}
+    cfg = resolve_config({"run.config": str(sectioned)})
+    assert (cfg.model.rope, cfg.model.rmsnorm, cfg.model.swiglu, cfg.output.eval) == (False, False, True, False)
+    saved = RunSpec.from_dict({"model": {"use_rope": False, "use_swiglu": False}, "output": {"eval_enabled": False}})
+    assert (saved.model.rope, saved.model.swiglu, saved.model.rmsnorm, saved.output.eval) == (False, False, True, False)

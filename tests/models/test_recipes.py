@@ -15,8 +15,8 @@ def _count(name):
     values = {k.split(".", 1)[1]: v for k, v in load_recipe(RECIPES_DIR / f"{name}.yaml").items()}
     return sizing.count_params(sizing.Architecture(
         values["vocab_size"], values["d_model"], values["num_layers"], values["num_heads"], values["d_ff"],
-        values["seq_len"], use_rope=values.get("use_rope", True), use_rmsnorm=values.get("use_rmsnorm", True),
-        use_swiglu=values.get("use_swiglu", True), tie_embeddings=values.get("tie_embeddings", False),
+        values["seq_len"], use_rope=values.get("rope", True), use_rmsnorm=values.get("rmsnorm", True),
+        use_swiglu=values.get("swiglu", True), tie_embeddings=values.get("tie_embeddings", False),
         use_bias=values.get("use_bias", False),
     ))
 
@@ -59,9 +59,9 @@ def test_the_136b_pair_differs_in_the_block_only():
         assert (cfg.output.eval_every, cfg.output.eval_steps, cfg.output.save_every) == (1000, 50, 1000)
     assert llama.tokenizer.vocab_size == 32000 and gpt2.tokenizer.vocab_size == 50257
     m = llama.model
-    assert (m.use_rope, m.use_rmsnorm, m.use_swiglu, m.use_bias, m.tie_embeddings) == (True, True, True, False, False)
+    assert (m.rope, m.rmsnorm, m.swiglu, m.use_bias, m.tie_embeddings) == (True, True, True, False, False)
     m = gpt2.model
-    assert (m.use_rope, m.use_rmsnorm, m.use_swiglu, m.use_bias, m.tie_embeddings) == (False, False, False, True, True)
+    assert (m.rope, m.rmsnorm, m.swiglu, m.use_bias, m.tie_embeddings) == (False, False, False, True, True)
     assert m.activation == "gelu"  # the tanh approximation: models/feed_forward.py, export's gelu_new
 
 

@@ -143,11 +143,11 @@ def _solve_target(m, vocab):
 
     positive(m.target_params, "--target-params")
     solution = sizing.solve_target_params(
-        m.target_params, vocab, m.seq_len, use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm,
-        use_swiglu=m.use_swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth, use_bias=m.use_bias,
+        m.target_params, vocab, m.seq_len, use_rope=m.rope, use_rmsnorm=m.rmsnorm,
+        use_swiglu=m.swiglu, tie_embeddings=m.tie_embeddings, prefer_depth=m.prefer_depth, use_bias=m.use_bias,
     )
     if solution is None:
-        smallest = sizing.Architecture(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.use_rope,
+        smallest = sizing.Architecture(vocab, 64, 0, 1, 64, m.seq_len, use_rope=m.rope,
                                        tie_embeddings=m.tie_embeddings)
         embedding = sizing.count_params(smallest).embedding
         raise UserError(

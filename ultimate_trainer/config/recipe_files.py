@@ -16,7 +16,7 @@ import yaml
 
 from ultimate_trainer import recipes
 from ultimate_trainer.config.parsers import mix_text
-from ultimate_trainer.config.schema import SECTIONS, field_index
+from ultimate_trainer.config.schema import RENAMED, SECTIONS, field_index
 from ultimate_trainer.errors import UserError
 
 
@@ -54,7 +54,7 @@ RECIPE_KEYS = {
     "data.tokenize_on_fly": "loader.tokenize_on_fly",
     "data.use_streaming": "loader.use_streaming",
     "data.num_workers": "loader.num_workers",
-    "evaluation.enabled": "output.eval_enabled",
+    "evaluation.enabled": "output.eval",
     "evaluation.eval_steps": "output.eval_steps",
     "evaluation.eval_interval": "output.eval_every",
     "mixed_precision.bf16": "optimization.use_mixed_precision",
@@ -62,8 +62,12 @@ RECIPE_KEYS = {
     "wandb.run_name": "output.wandb_run_name",
     "wandb.name": "output.wandb_run_name",
     "wandb.entity": "output.wandb_entity",
+    **RENAMED,  # the fields' old names
     "wandb.enabled": None,  # false: drop the section's settings; true: needs wandb.project
 }
+
+# The old names as flat top-level keys.
+FLAT_RENAMED = {old.split(".", 1)[1]: new for old, new in RENAMED.items()}
 
 
 def load_recipe(path):
@@ -119,6 +123,8 @@ def load_recipe(path):
             wandb_enabled = False
         elif key in index:
             out[f"{index[key][0]}.{key}"] = value
+        elif key in FLAT_RENAMED:
+            out[FLAT_RENAMED[key]] = value
         else:
             unknown(key, list(index) + list(sections) + sorted(guide_sections))
     if wandb_enabled is False:

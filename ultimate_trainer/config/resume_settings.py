@@ -76,7 +76,7 @@ def settings():
     yield Setting("shuffle_buffer_size", "--shuffle-buffer-size", "data", lambda c: c.loader.shuffle_buffer_size)
     yield Setting("state_passing", "--state-passing", "data", _m("state_passing"))
     yield Setting("num_kv_heads", "--num-kv-heads", "model", lambda c: c.model.num_kv_heads or c.model.num_heads)
-    yield Setting("activation", "--activation", "model", lambda c: None if c.model.use_swiglu else c.model.activation)
+    yield Setting("activation", "--activation", "model", lambda c: None if c.model.swiglu else c.model.activation)
     yield Setting("ttt_layer_type", "--ttt-layer-type", "model", lambda c: ttt_kind(c.model))
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _MODEL_FREE | _MODEL_ELSEWHERE:

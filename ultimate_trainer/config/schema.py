@@ -30,6 +30,10 @@ SIZE_PRESETS = {
     "xlarge": (1280, 32, 20, 5120),
 }
 SIZED_BY_PRESET = ("d_model", "num_layers", "num_heads", "d_ff")
+# Fields renamed to read like their flags (--no-rope, --no-rmsnorm, --no-swiglu, --no-eval) -> their new
+# names: recipes and the training_args.json of older runs still say the old ones.
+RENAMED = {"model.use_rope": "model.rope", "model.use_rmsnorm": "model.rmsnorm", "model.use_swiglu": "model.swiglu",
+           "output.eval_enabled": "output.eval"}
 
 
 def _opt(default, help, **meta):
@@ -99,9 +103,9 @@ class ModelConfig:
     seq_len: int = _opt(256, "Context length in tokens.")
     dropout_rate: float = _opt(0.1, "Dropout on attention output, MLP output and embeddings.")
     activation: str = _opt("gelu", "MLP activation with --no-swiglu (SwiGLU always gates with SiLU).", choices=["gelu", "relu", "silu"])
-    use_rmsnorm: bool = _opt(True, "Use LayerNorm instead of RMSNorm.", flag="--no-rmsnorm")
-    use_swiglu: bool = _opt(True, "Use a plain MLP with --activation instead of SwiGLU.", flag="--no-swiglu")
-    use_rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
+    rmsnorm: bool = _opt(True, "Use LayerNorm instead of RMSNorm.", flag="--no-rmsnorm")
+    swiglu: bool = _opt(True, "Use a plain MLP with --activation instead of SwiGLU.", flag="--no-swiglu")
+    rope: bool = _opt(True, "Use learned absolute positions instead of rotary embeddings.", flag="--no-rope")
     flash_attention: bool = _opt(True, "Force the plain attention kernel (flash is used automatically where supported).", flag="--no-flash-attention")
     tie_embeddings: bool = _opt(False, "Share the input embedding with the LM head.")
     use_bias: bool = _opt(False, "Add biases to the attention and MLP projections, as GPT-2 has (LLaMA has none); TTT layers and MoE experts take none.")
@@ -212,7 +216,7 @@ class OutputConfig:
     milestone_every: int = _opt(None, "Optimizer steps between milestone-<step> checkpoints, which are never deleted.", type=int)
     eval_every: int = _opt(500, "Optimizer steps between validation passes.")
     eval_steps: int = _opt(None, "Validation batches per pass (default: the whole validation set).", type=int)
-    eval_enabled: bool = _opt(True, "Do not validate (no validation passes, no best_checkpoint).", flag="--no-eval")
+    eval: bool = _opt(True, "Do not validate (no validation passes, no best_checkpoint).", flag="--no-eval")
     resume_from: str = _opt(None, "Resume exactly from a checkpoint dir, a run dir (its newest valid checkpoint), `latest` (in --output-dir), or an s3:// gs:// az:// URI of a checkpoint or a prefix (downloaded into <output-dir>/remote-checkpoints/).", type=str)
     allow_changed_config: str = _opt(None, "With --resume-from, let these settings differ from the checkpoint's, comma-separated: max_steps (also --total-tokens, --epochs), lr, lr_end (also min_lr_ratio), warmup, weight_decay, grad_clip, precision, dropout, aux_loss, z_loss; flag names work too. A changed schedule continues from the checkpoint's learning rate, without a jump. Without it a resume refuses any setting that would change the run (docs/checkpoints.md).", type=str, metavar="NAMES")
     overwrite: bool = _opt(False, "Start afresh in an output dir that holds a run; the old run is moved to <output-dir>/previous-runs/, never deleted.")
@@ -324,6 +328,11 @@ class RunSpec:
             >>> RunSpec.from_dict({"model": {"d_model": 64, "gone": 1}}).model.d_model
             64
         """
+        data = {attr: dict(values) for attr, values in data.items() if isinstance(values, dict)}
+        for old_key, new_key in RENAMED.items():  # a run saved before the rename
+            (attr, old_name), (_, new_name) = old_key.split("."), new_key.split(".")
+            if old_name in data.get(attr, {}):
+                data[attr].setdefault(new_name, data[attr].pop(old_name))
         sections = {}
         for attr, _, section_cls in SECTIONS:
             names = {f.name for f in dataclasses.fields(section_cls)}

@@ -102,14 +102,14 @@ def _validate_model(m, explicit, names):
             f"--num-kv-heads {m.num_kv_heads} does not divide --num-heads {m.num_heads}; "
             f"pick a divisor of {m.num_heads}"
         )
-    if m.use_rope and (m.d_model // m.num_heads) % 2:
+    if m.rope and (m.d_model // m.num_heads) % 2:
         raise UserError(
             f"head size {m.d_model // m.num_heads} (--d-model / --num-heads) must be even for "
             f"rotary embeddings; change --num-heads or pass --no-rope"
         )
     if not 0 <= m.dropout_rate < 1:
         raise UserError(f"--dropout-rate must be in [0, 1), got {m.dropout_rate}")
-    if m.use_swiglu and "model.activation" in explicit and m.activation != "gelu":
+    if m.swiglu and "model.activation" in explicit and m.activation != "gelu":
         raise UserError(
             f"--activation {m.activation} applies to the plain MLP only; add --no-swiglu "
             f"(SwiGLU always gates with SiLU)"
@@ -255,7 +255,7 @@ def _validate_output(o, explicit, names):
     positive(o.eval_steps, names["eval_steps"], allow_none=True)
     if o.sample_tokens < 0:
         raise UserError(f"--sample-tokens must be zero (no samples) or positive, got {o.sample_tokens}")
-    if not o.eval_enabled:
+    if not o.eval:
         given = [names[n] for n in ("eval_every", "eval_steps") if f"output.{n}" in explicit]
         if given:
             raise UserError(f"{given[0]} schedules validation, which --no-eval turns off; drop one of them")

@@ -92,7 +92,7 @@ class Architecture:
         m = model_cfg
         return cls(
             vocab_size, m.d_model, m.num_layers, m.num_heads, m.d_ff, m.seq_len, num_kv_heads=m.num_kv_heads,
-            use_rope=m.use_rope, use_rmsnorm=m.use_rmsnorm, use_swiglu=m.use_swiglu,
+            use_rope=m.rope, use_rmsnorm=m.rmsnorm, use_swiglu=m.swiglu,
             tie_embeddings=m.tie_embeddings, use_bias=m.use_bias,
             lora_rank=m.lora_rank if m.use_lora else 0,
             lora_targets=parse_lora_targets(m.lora_targets) if m.use_lora else (),

@@ -34,7 +34,7 @@ def model_summary(model_cfg, vocab_size):
     ttt_blocks = sizing.ttt_block_indices(m.num_layers, ttt_kind(m), m.ttt_layers)
     architecture = {
         "preset": m.model_preset,
-        "block_style": sizing.block_style(m.use_rope, m.use_rmsnorm, m.use_swiglu),
+        "block_style": sizing.block_style(m.rope, m.rmsnorm, m.swiglu),
         "vocab_size": vocab_size,
         "seq_len": m.seq_len,
         "num_layers": m.num_layers,
@@ -43,9 +43,9 @@ def model_summary(model_cfg, vocab_size):
         "num_kv_heads": m.num_kv_heads or m.num_heads,
         "head_dim": m.d_model // m.num_heads,
         "d_ff": m.d_ff,
-        "mlp": "swiglu" if m.use_swiglu else m.activation,
-        "norm": "rmsnorm" if m.use_rmsnorm else "layernorm",
-        "positions": "rope" if m.use_rope else "learned",
+        "mlp": "swiglu" if m.swiglu else m.activation,
+        "norm": "rmsnorm" if m.rmsnorm else "layernorm",
+        "positions": "rope" if m.rope else "learned",
         "tie_embeddings": m.tie_embeddings,
         "biases": m.use_bias,
         "dropout_rate": m.dropout_rate,
@@ -312,7 +312,7 @@ def _data_plan(cfg, tokenizer, inputs, data_parallel, notes):
     if data_parallel > 1 and not unread and val_windows < micro_batch:
         # A smaller validation batch that still fills every device equally.
         eval_batch = val_windows // data_parallel * data_parallel
-        if eval_batch == 0 and cfg.output.eval_enabled:
+        if eval_batch == 0 and cfg.output.eval:
             raise UserError(
                 f"the validation data holds {val_windows} windows, fewer than the {data_parallel} data-parallel "
                 f"devices; raise --val-fraction or --max-val-examples, or pass --no-eval"

@@ -429,7 +429,7 @@ class Trainer:
 
         # A worse first evaluation after a resume must not replace the better best.
         best = read_state(self.resume).get("best") if self.resume is not None else None
-        return Evaluator(evaluate, self.sink, say, enabled=self.cfg.output.eval_enabled, start_step=self.start_step,
+        return Evaluator(evaluate, self.sink, say, enabled=self.cfg.output.eval, start_step=self.start_step,
                          best=best, on_best=self.checkpoints.save_best)
 
     def trainer_state(self, step):
@@ -508,7 +508,7 @@ class Trainer:
         self.checkpoints.final(checkpoint)
         self._write_samples(samples)
         summary = reporting.RunSummary(self.plan, self.start_step, resumed=self.resume is not None,
-                                       eval_enabled=self.cfg.output.eval_enabled)
+                                       eval_enabled=self.cfg.output.eval)
         record = summary.record(wall, logger, initial, final, self.evaluator, checkpoint)
         reporting.RunSummary.write(record, self.out)
         say(reporting.RunSummary.line(record))
