@@ -210,7 +210,7 @@ def _moe_cfg(**kw):
 
 @pytest.mark.parametrize("moe_every, use_swiglu, tie", [(1, True, False), (2, False, True), (3, True, True)])
 def test_parameter_formula_matches_the_built_model(moe_every, use_swiglu, tie):
-    m = _moe_cfg(moe_every=moe_every, use_swiglu=use_swiglu, tie_embeddings=tie)
+    m = _moe_cfg(moe_every=moe_every, swiglu=use_swiglu, tie_embeddings=tie)
     model = build_causal_lm(m, 50)
     counts = sizing.count_params(sizing.Architecture(50, 32, 3, 2, 24, 16, use_swiglu=use_swiglu, tie_embeddings=tie, num_experts=4,
                                  experts_top_k=2, moe_every=moe_every))
