@@ -111,3 +111,30 @@ def test_config_from_the_output_flags(tmp_path):
     config = CheckpointConfig.from_output(cfg.output, tmp_path, chief=True, resume=tmp_path / "checkpoint-5")
     assert (config.keep, config.milestone_every, config.protect) == (3, 100, (tmp_path / "checkpoint-5",))
     assert CheckpointConfig.from_output(resolve_config({}).output, tmp_path).protect == ()
+
+
+def test_a_checkpoint_at_the_best_step_links_the_best_files_and_outlives_the_next_best(tmp_path):
+    manager, lines, written = _manager(tmp_path)
+    manager.save_best(10)
+    checkpoint = manager.save(10)  # the same step: its weights are on disk already
+    assert written == [("best_checkpoint", 10, True, False)]
+    best = tmp_path / "best_checkpoint"
+    assert (checkpoint / MODEL_FILE).stat().st_ino == (best / MODEL_FILE).stat().st_ino
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-10" and lines[-1] == f"saved {checkpoint}"
+    manager.save(20)  # no new best at 20: written
+    assert written[-1] == ("checkpoint-20", 20, False, True)
+    # A new best replaces best_checkpoint/ (a fresh directory): checkpoint-10's files stay as they were.
+    manager.write = lambda name, state, replace=False, latest=False: _replace_with(tmp_path / name, b"better")
+    manager.save_best(30)
+    assert (checkpoint / MODEL_FILE).read_bytes() == b"weights" and (best / MODEL_FILE).read_bytes() == b"better"
+
+
+def _replace_with(path, data):
+    # As store.save_checkpoint does: a new directory renamed over the old one, never written in place.
+    tmp = path.with_name(".tmp")
+    tmp.mkdir()
+    (tmp / MODEL_FILE).write_bytes(data)
+    old = path.with_name(".old")
+    path.rename(old)
+    tmp.rename(path)
+    return path

@@ -67,6 +67,43 @@ def test_ttt_decoding_equals_full_recomputation_in_a_hybrid_stack(ttt):
     assert with_state == recomputed and stats["cache"]
 
 
+class _Folded:
+    """Byte ids folded into a 50-token model; id 49 ends a text."""
+
+    vocab_size, eos_id, pad_id = 50, 49, 48
+
+    def encode(self, text):
+        return [b % 48 for b in text.encode()]
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("kwargs", [
+    {"num_kv_heads": 2},
+    {"ttt": {"kind": "linear", "mini_batch_size": 4}, "ttt_layers": [1]},
+    {"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.0}},  # drops: a row's routing must not see the other rows
+])
+def test_a_batch_of_prompts_decodes_each_row_as_the_whole_window_does(kwargs):
+    from ultimate_trainer.training.generation import generate, generate_batch
+
+    keras.utils.set_random_seed(0)
+    model = CausalLM(vocab_size=50, seq_len=16, d_model=32, num_layers=2, num_heads=4, d_ff=48, **kwargs)
+    model.build((None, 16))
+    # Prompts of 2, 6 and 12 tokens: the last row's window fills after 16 - 12 + 1 = 5 new tokens
+    # (the cache holds 16 positions) while the others go on to 8.
+    prompts, seeds = ["ab", "def fn", "import keras"], [3, 4, 5]
+    for temperature in (0.0, 0.8):
+        texts, stats = generate_batch(model, _Folded(), prompts, 8, temperature, 40, 1.0, seeds)
+        # The reference recomputes each prompt's whole window, one prompt at a time.
+        alone = [generate(model, _Folded(), p, min(8, 17 - len(p)), temperature, 40, 1.0, s, use_cache=False)[0]
+                 for p, s in zip(prompts, seeds)]
+        assert texts == alone, temperature
+        assert stats["cache"] and stats["new_tokens"] == sum(len(t) - len(p) for t, p in zip(alone, prompts))
+    assert len(alone[2]) - len(prompts[2]) <= 5 and max(len(t) - len(p) for t, p in zip(alone, prompts)) > 5
+
+
 def test_pick_matches_numpy_filters():
     logits = np.log(np.array([0.05, 0.4, 0.3, 0.2, 0.05]))
     assert pick(logits, 0.0, 0, 1.0, np.random.default_rng(0)) == 1

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from ultimate_trainer.checkpoint.store import link_copy, prune_checkpoints
+from ultimate_trainer.checkpoint.store import link_copy, prune_checkpoints, set_latest
 
 BEST_DIR = "best_checkpoint"
 FINAL_DIR = "final_model"
@@ -61,15 +61,23 @@ class CheckpointManager:
         self.write, self.state, self.say = write, state, say
         self.uploader, self.gather = uploader, gather
         self.saved = {}  # step -> path of the regular checkpoints this run saved (and still has)
+        self.best_step = None  # the step best_checkpoint/ holds, when this run saved it
 
     def save(self, step):
         """A regular checkpoint at `step` (once per step), then the oldest beyond --save-total-limit go."""
         if step in self.saved:
             return self.saved[step]
         path = self.config.output_dir / f"checkpoint-{step}"
-        with self.gather():
+        if self.best_step == step and not path.exists():
+            # Validation has just saved this very step as the best (evaluation runs before the save
+            # at a step), with the same state: link its files rather than write the weights twice.
             if self.config.chief:
-                path = self.write(path.name, self.state(step), latest=True)
+                link_copy(self.config.output_dir / BEST_DIR, path)
+                set_latest(self.config.output_dir, path.name)
+        else:
+            with self.gather():
+                if self.config.chief:
+                    path = self.write(path.name, self.state(step), latest=True)
         self.saved[step] = path
         if not self.config.chief:
             return path
@@ -97,6 +105,7 @@ class CheckpointManager:
             if self.config.chief:
                 self.write(BEST_DIR, self.state(step), replace=True)
                 self._upload(path)
+        self.best_step = step
         self.say(f"best validation loss so far: saved {path}")
 
     def final(self, checkpoint):

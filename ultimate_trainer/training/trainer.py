@@ -34,7 +34,7 @@ from ultimate_trainer.models.causal_lm import build_causal_lm
 from ultimate_trainer.training import callbacks as cb
 from ultimate_trainer.training import interrupt, mfu, reporting
 from ultimate_trainer.training.evaluator import Evaluator, perplexity
-from ultimate_trainer.training.generation import sample_text
+from ultimate_trainer.training.generation import sample_texts
 from ultimate_trainer.training.losses import TokenCrossEntropy
 from ultimate_trainer.training.optimizers import FiniteMean, build_optimizer
 from ultimate_trainer.training.plan import Devices, format_plan, make_plan
@@ -530,8 +530,9 @@ class Trainer:
     def _samples(self):
         # Every process samples (its computations span all devices); process 0 writes.
         o, seed = self.cfg.output, self.cfg.training.seed
-        return [sample_text(self.model, self.tokenizer, p, o.sample_tokens, seed=seed + i)
-                for i, p in enumerate(SAMPLE_PROMPTS)] if o.sample_tokens else []
+        if not o.sample_tokens:
+            return []
+        return sample_texts(self.model, self.tokenizer, SAMPLE_PROMPTS, o.sample_tokens, seed=seed)
 
     def _write_samples(self, samples):
         if not samples:
