@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_main
 from tests.test_docs import bash_blocks
 from ultimate_trainer.data import sources
 
@@ -65,6 +65,6 @@ def corpus(tmp_path_factory):
 @pytest.mark.parametrize("number", range(len(guide_commands())))
 def test_guide_command_runs(number, corpus, tmp_path):
     args = local(guide_commands()[number], corpus) + ONE_STEP + ["--output-dir", str(tmp_path / "run")]
-    result = run_cli(args, cwd=tmp_path, timeout=900)
+    result = run_main(args)  # in process: the command's work, without a new interpreter's seconds of imports
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stderr[-3000:]}"
     assert (tmp_path / "run" / "checkpoint-1").is_dir()

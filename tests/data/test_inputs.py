@@ -37,7 +37,11 @@ def test_a_streamed_input_resumes_from_its_state_exactly(corpus, tmp_path):
     _, inputs = _load(corpus, tmp_path)
     assert inputs.describe()["estimate"]["is_estimate"] and "an estimate, not a count" in inputs.describe()["source"]
     records = list(open_stream(str(corpus), shuffle=False, epochs=1))
-    assert inputs.val_records == [t for t in records if sources.is_validation(t, 0.05)]  # all held out: < 1,000
+    # The default bound: the first held-out records until they hold 256 windows (seq_len 16) of tokens.
+    held = [t for t in records if sources.is_validation(t, 0.05)]
+    ends = np.cumsum([len(t.encode()) + 1 for t in held])  # bytes + EOS: the byte tokenizer's count
+    assert ends[-1] > 256 * 16, "the bound must cut the held-out records for this check to mean anything"
+    assert inputs.val_records == held[: int(np.searchsorted(ends, 256 * 16)) + 1]
     whole = _batches(inputs.train_dataset(4, 7), 12)
     state = json.loads(json.dumps(inputs.state(20, 7)))  # as a checkpoint keeps it
     assert (state["block"], state["next_window"]) == (2, 20)  # window 19 lies in block 2: re-pack that one only
@@ -134,3 +138,21 @@ def test_a_source_without_size_metadata_needs_a_run_length(tmp_path):
     _, inputs = inputs_lib.load_streamed(resolve_config({**values, "training.max_steps": 5}), "streamed")
     assert "epoch size unknown" in inputs.describe()["source"] and inputs.block == 10000
     assert len(_batches(inputs.train_dataset(2, 0), 3)) == 3
+
+
+def test_a_mixture_run_logs_its_realized_shares_at_each_save(corpus, tmp_path):
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps({"text": f"code {i} " + "x" * 200}) + "\n" for i in range(300)))
+    out = tmp_path / "run"
+    # The shares count the records drawn before the shuffle block a resume would re-pack (what the
+    # saved position holds), so the run spans a few blocks of 4 windows.
+    result = run_main([*tiny_model_flags(), "--data-mix", f"{corpus}:0.7,{code}:0.3", "--max-steps", "16",
+                       "--save-every", "8", "--shuffle-buffer-size", "4", "--no-eval", "--sample-tokens", "0",
+                       "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("realized mixture over ") == 2  # steps 8 and 16
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shares = [r for r in records if "mixture_records" in r]
+    assert [r["step"] for r in shares] == [8, 16] and 0 < shares[0]["mixture_records"] < shares[1]["mixture_records"]
+    assert shares[-1][f"mixture_share/{code}"] + shares[-1][f"mixture_share/{corpus}"] == pytest.approx(1.0)
+    assert (out / "loss_curve.png").is_file()  # the plot reads past the mixture records

@@ -62,7 +62,7 @@ class DataConfig:
     data_dir: str = _opt(None, "Train on pre-tokenized shards made by `ultimate-trainer prepare-data` (read by memmap).", type=str)
     data_mix: str = _opt(None, "Train on a weighted mixture of sources, SRC:W,SRC:W (each SRC a --dataset-id form or a file glob; recipe: `data.mix: [{source: S, weight: W}]`); drawn deterministically, resumable exactly (docs/data.md).", type=str, metavar="SRC:W,SRC:W")
     tfds_data_dir: str = _opt(None, "Directory (or gs:// path) of prepared TFDS datasets, for --dataset-id tfds:NAME[/CONFIG][:VERSION].", type=str)
-    eval_tokens: int = _opt(None, "Bound the validation set by tokens: its first records until they hold this many tokens (read once and kept; with --max-val-examples, whichever comes first).", type=int)
+    eval_tokens: int = _opt(None, "Bound the validation set by tokens: its first records until they hold this many tokens (read once and kept; with --max-val-examples, whichever comes first). A streamed source without this or --max-val-examples: 256 x --seq-len.", type=int)
 
 
 @dataclasses.dataclass(frozen=True)

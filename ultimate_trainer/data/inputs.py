@@ -197,22 +197,34 @@ class StreamedInputs:
             "block_start": None if block is None else self._starts[block],
         }
 
-    def mix_report(self, next_window):
-        """One line: a mixture's realized share of each source up to the block a resume at
-        `next_window` starts from (the counts ride in the stream's position), or None.
+    def mix_shares(self, next_window):
+        """A mixture's realized share of each source, `{name: share}`, over the records drawn up to
+        the block a resume at `next_window` starts from (the counts ride in the stream's
+        position), and how many records that is; None for one source or before any draw.
 
         Example:
-            inputs.mix_report(4096)   # 'realized mixture up to window 3,000: web 70.2% (weight 70.0%); ...'
+            inputs.mix_shares(4096)   # ({'web': 0.702, 'code': 0.298}, 3000)
         """
         if not next_window:
             return None
-        block = self._block_of(next_window)
-        stream = self._starts[block]["stream"]
+        stream = self._starts[self._block_of(next_window)]["stream"]
         if stream.get("kind") != "mixture" or not stream["draws"]:
             return None
-        shares = "; ".join(f"{name} {count / stream['draws']:.1%} (weight {w:.1%})"
-                           for name, count, w in zip(self.mix_names, stream["counts"], stream["weights"]))
-        return f"realized mixture over {stream['draws']:,} records: {shares}"
+        return {name: count / stream["draws"] for name, count in zip(self.mix_names, stream["counts"])}, stream["draws"]
+
+    def mix_report(self, next_window):
+        """One line: `mix_shares` beside the weights, or None.
+
+        Example:
+            inputs.mix_report(4096)   # 'realized mixture over 3,000 records: web 70.2% (weight 70.0%); ...'
+        """
+        shares = self.mix_shares(next_window)
+        if shares is None:
+            return None
+        stream = self._starts[self._block_of(next_window)]["stream"]
+        text = "; ".join(f"{name} {share:.1%} (weight {w:.1%})"
+                         for (name, share), w in zip(shares[0].items(), stream["weights"]))
+        return f"realized mixture over {shares[1]:,} records: {text}"
 
     def describe(self):
         return {
@@ -231,7 +243,7 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
     """`(tokenizer, StreamedInputs)` for a streamed source (`streamed.streamed(cfg.data)`).
 
     Reads: the bounded validation set (--max-val-examples, --eval-tokens, else
-    `validation.DEFAULT_MAX_EXAMPLES` records), the first
+    `validation.default_tokens(seq_len)` tokens), the first
     --tokenizer-train-examples records when a tokenizer is trained here, and
     the first records (and metadata) for the token estimate. `resume`: the
     checkpoint's saved input state.
@@ -255,18 +267,20 @@ def load_streamed(cfg, why, log=None, resume=None, process_index=0, process_coun
         # A fresh stream in its first epoch's order: the tokenizer sees records, not the whole source.
         return streamed.open_train_stream(d, seed)
 
-    # The held-out records a tokenizer trained here is measured on; the validation set itself unless
-    # --eval-tokens bounds that, which needs the tokenizer.
-    first_val = validation.read_validation(streamed.open_val_stream(d),
-                                           max_examples=d.max_val_examples or validation.DEFAULT_MAX_EXAMPLES)
+    # The held-out records --auto-vocab-size measures the candidate sizes on (read only then).
+    heldout = ()
+    if cfg.tokenizer.auto_vocab_size and not cfg.tokenizer.tokenizer_path:
+        heldout = validation.read_validation(
+            streamed.open_val_stream(d), max_examples=d.max_val_examples or validation.HELDOUT_EXAMPLES
+        ).records
     tokenizer = tokenizers.make_tokenizer(
-        cfg.tokenizer, tokenizer_texts(), first_val.records, Path(cfg.output.output_dir), log,
+        cfg.tokenizer, tokenizer_texts(), heldout, Path(cfg.output.output_dir), log,
         vocab_size_given="tokenizer.vocab_size" in cfg.explicit,
     )
-    val = first_val
-    if d.eval_tokens:  # the bound in tokens needs the tokenizer
-        val = validation.read_validation(streamed.open_val_stream(d), max_examples=d.max_val_examples,
-                                         max_tokens=d.eval_tokens, count_tokens=tokenizer.count_tokens)
+    # Bounded in tokens (which needs the tokenizer) unless --max-val-examples alone bounds it in records.
+    max_tokens = d.eval_tokens or (None if d.max_val_examples else validation.default_tokens(cfg.model.seq_len))
+    val = validation.read_validation(streamed.open_val_stream(d), max_examples=d.max_val_examples,
+                                     max_tokens=max_tokens, count_tokens=tokenizer.count_tokens)
     pairs = streamed.mix_of(d)
     try:
         mixed = _mixed_estimate(pairs, [_estimate_source(source, d, tokenizer, estimate) for source, _ in pairs])

@@ -195,12 +195,15 @@ def _start_wandb(output_dir, project, run_name, config, entity=None):
 
 
 def read_metrics(path):
-    """(train records, validation records) of a metrics.jsonl."""
+    """(train records, validation records) of a metrics.jsonl; other records (a mixture's shares) are left out."""
     train, val = [], []
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             record = json.loads(line)
-            (val if "val_loss" in record else train).append(record)
+            if "val_loss" in record:
+                val.append(record)
+            elif "loss" in record:
+                train.append(record)
     return train, val
 
 

@@ -432,6 +432,19 @@ class Trainer:
         return Evaluator(evaluate, self.sink, say, enabled=self.cfg.output.eval, start_step=self.start_step,
                          best=best, on_best=self.checkpoints.save_best)
 
+    def _save(self, step):
+        """A regular checkpoint, and a mixture's realized shares so far beside it (log and metrics)."""
+        path = self.checkpoints.save(step)
+        shares = getattr(self.inputs, "mix_shares", lambda window: None)(step * self._sequences_per_step())
+        if shares is not None and self.dist.is_chief:
+            say(self.inputs.mix_report(step * self._sequences_per_step()))
+            self.sink.write({"step": step, "mixture_records": shares[1],
+                             **{f"mixture_share/{name}": share for name, share in shares[0].items()}})
+        return path
+
+    def _sequences_per_step(self):
+        return self.micro * self.cfg.training.gradient_accumulation_steps
+
     def trainer_state(self, step):
         """What a checkpoint at `step` records beside the weights (trainer_state.json)."""
         t, s = self.cfg.training, self.plan.schedule
@@ -466,7 +479,7 @@ class Trainer:
             cb.StepCounter(clock),
             logger,
             cb.PeriodicEval(clock, o.eval_every, self.evaluator.validate),
-            cb.PeriodicCheckpoint(clock, o.save_every, self.checkpoints.save),
+            cb.PeriodicCheckpoint(clock, o.save_every, self._save),
             *([cb.PeriodicCheckpoint(clock, o.milestone_every, self.checkpoints.milestone)] if o.milestone_every else []),
             *_allocator_callbacks(self.plan.devices),
         ]
@@ -499,7 +512,7 @@ class Trainer:
             self._report_nonfinite(clock)
             return 3
         final = self.evaluator.validate(total)
-        checkpoint = self.checkpoints.save(total)
+        checkpoint = self._save(total)
         if self.checkpoints.milestone_due(total):
             self.checkpoints.milestone(total)
         samples = self._samples()

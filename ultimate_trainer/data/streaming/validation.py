@@ -17,7 +17,23 @@ import itertools
 
 from ultimate_trainer.errors import UserError
 
-DEFAULT_MAX_EXAMPLES = 1000  # a default for streamed sources: minutes of tokens, seconds to read
+# A streamed source's validation set when no bound is given: its first records until they hold this
+# many windows of tokens (256 x seq_len: 65k tokens for `nano`, 524k at seq_len 2048). In records it
+# would depend on the documents' length: C4's 1,000 first would be 0.5M tokens, a corpus of books'
+# 100M, and every evaluation would cost that.
+DEFAULT_WINDOWS = 256
+# The held-out records --auto-vocab-size measures a streamed run's candidate vocab sizes on.
+HELDOUT_EXAMPLES = 1000
+
+
+def default_tokens(seq_len):
+    """The default token bound of a streamed validation set for windows of `seq_len`.
+
+    Example:
+        >>> default_tokens(256)
+        65536
+    """
+    return DEFAULT_WINDOWS * seq_len
 
 
 @dataclasses.dataclass(frozen=True)
