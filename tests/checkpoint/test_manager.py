@@ -138,3 +138,15 @@ def _replace_with(path, data):
     path.rename(old)
     tmp.rename(path)
     return path
+
+
+def test_a_linked_checkpoint_keeps_an_older_one_of_the_same_name_beside_it(tmp_path):
+    manager, _, _ = _manager(tmp_path)
+    older = tmp_path / "checkpoint-10"
+    older.mkdir()
+    (older / MODEL_FILE).write_bytes(b"an earlier run's")
+    manager.save_best(10)
+    manager.save(10)
+    assert (older / MODEL_FILE).read_bytes() == b"weights"
+    kept = list(tmp_path.glob(".checkpoint-10.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / MODEL_FILE).read_bytes() == b"an earlier run's"

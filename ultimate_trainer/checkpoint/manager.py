@@ -9,6 +9,7 @@ manager is tested with a fake writer and a tmp dir.
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 
 from ultimate_trainer.checkpoint.store import link_copy, prune_checkpoints, set_latest
@@ -68,10 +69,13 @@ class CheckpointManager:
         if step in self.saved:
             return self.saved[step]
         path = self.config.output_dir / f"checkpoint-{step}"
-        if self.best_step == step and not path.exists():
+        if self.best_step == step:
             # Validation has just saved this very step as the best (evaluation runs before the save
             # at a step), with the same state: link its files rather than write the weights twice.
+            # Every process takes this branch (none gathers), whatever its own disk holds.
             if self.config.chief:
+                if path.exists():  # never replaced in place: the older one stays beside it, as a write keeps it
+                    path.rename(path.with_name(f".{path.name}.replaced-{os.getpid()}"))
                 link_copy(self.config.output_dir / BEST_DIR, path)
                 set_latest(self.config.output_dir, path.name)
         else:
