@@ -3,10 +3,11 @@
 With the cache (the default) each new token costs one position: the model's
 state (`CausalLM.initial_state`) holds the attention blocks' keys and values
 and the TTT blocks' inner weights. Several prompts decode together, one row
-each (`generate_batch`, what the end-of-run samples use): the prefix they all
-have runs once, eagerly (a TTT block splits it into mini-batches at Python
-positions), then every row advances one position per compiled step, a longer
-prompt's row fed its own next token until its prompt is used up. A step costs
+each (`generate_batch`, what the end-of-run samples use): as many tokens of
+each prompt as the shortest one holds run in one call, eagerly (a TTT block
+splits them into mini-batches at Python positions), then every row advances
+one position per compiled step, a longer prompt's row fed its own next token
+until its prompt is used up. A step costs
 about the same for 1 row as for 3 on a CPU, so 3 samples take the time of
 one. Without the cache every token recomputes the whole window at one fixed
 shape (compiled once), which is what the cache is measured against.
@@ -61,7 +62,7 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens=200, temperature=0.
     start = time.perf_counter()
     with no_grad():
         step = compile_model_fn(model, model.call_with_state)  # one shape: a token per row
-        position = min(len(r) for r in rows)  # the prefix every row has runs at once
+        position = min(len(r) for r in rows)  # each row's first `position` tokens run in one call
         logits, state = model.call_with_state(np.array([r[:position] for r in rows], dtype="int32"),
                                               model.initial_state(len(rows), max_length=model.seq_len), 0)
         while True:

@@ -448,7 +448,7 @@ class Trainer:
     def trainer_state(self, step):
         """What a checkpoint at `step` records beside the weights (trainer_state.json)."""
         t, s = self.cfg.training, self.plan.schedule
-        sequences = self.micro * t.gradient_accumulation_steps
+        sequences = self._sequences_per_step()
         return {
             "step": step,
             "tokens_seen": step * s.tokens_per_step,
